@@ -1,0 +1,519 @@
+"""Stage 03: train a sparse autoencoder (sae.py) on activations.
+
+    python 03_train_sae.py --acts runs/acts --out runs/sae_topk --arch topk
+    torchrun --nproc_per_node 2 03_train_sae.py --acts runs/acts --out runs/sae_topk   # data parallel
+
+--acts is what 02 writes (DIR/activations.safetensors, or the file itself) or any
+safetensors file with a 2-D float tensor `activations` [N, d_in]. If it holds a
+bool `train_mask` [N], the SAE trains on the True rows and the rest are held out;
+without one a seeded 10% is held out (--split-seed, so every SAE seed shares it).
+
+Writes to --out:
+    sae_weights.safetensors, cfg.json   the SAE, SAELens 6 layout (sae.SAE.load reads it)
+    metrics.jsonl                       every --log-every steps: loss terms, MSE, EV (metrics.py),
+                                        L0, dead fraction, tokens/s, held-out EV and L0
+    checkpoint.safetensors              every --ckpt-every steps: weights, Adam state, step,
+                                        RNG, dead-latent counters, lambda; --resume continues
+                                        from it and ends bit-identical (CPU) to an unbroken run
+    summary.json                        written last (a run is finished when it exists):
+                                        config, seed, code version, held-out metrics
+
+Defaults follow the modular-addition study: d_sae = 8 d_in, k 32, batch 4096, Adam
+lr 3e-4, warmed up over the first 5% of steps and decayed linearly to 0 over the last
+20% (Conerly et al. 2024). Length: --tokens, by default the larger of 2000 batches and
+100 passes over the SAE-train rows. Inputs are scaled to unit mean squared norm
+(Lieberum et al. 2024) unless --no-normalize; the scale is folded into the saved
+weights, so the saved SAE takes and returns activations in their own units.
+--k is the L0 of every architecture: exact per row (topk), on average (batchtopk), or
+the target that lambda is steered to (relu, jumprelu: lambda grows or shrinks by up to
+2% a step with log(L0/k)) unless --l1-coeff / --l0-coeff fix lambda. Dead latents
+(AuxK's, and the logged dead fraction) have not fired for --dead-tokens: by default
+10M tokens as in Gao et al. 2024, but at most one pass over the SAE-train rows.
+
+Under torchrun every process takes its slice of the same global batch, gradients are
+averaged with one all-reduce per step (gloo on CPU, nccl on GPU), and the dead-latent
+counters, AuxK normaliser, BatchTopK threshold and lambda use global statistics, so N
+processes follow one process at the same --batch-size. (BatchTopK picks the top
+k * batch within each process's slice, as SAELens does.)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import (ArgumentParser, Dist, UserError, append_jsonl, check, file_sha256, load_json,
+                    load_tensor_metadata, load_tensors, prepare_out_dir, provenance, run_main,
+                    save_json, save_tensors, seed_everything)
+from metrics import explained_variance, l0 as mean_l0
+from sae import ARCHS, SAE
+
+FINAL = "summary.json"
+CKPT = "checkpoint.safetensors"
+OUTPUTS = ("sae_weights.safetensors", "cfg.json", "metrics.jsonl", CKPT, FINAL)
+# flags that may differ between a run and its --resume
+# (--acts may be spelled differently: the file itself is checked by its hash)
+RESUME_FREE = {"acts", "out", "resume", "overwrite", "quiet", "wandb", "stop_after_steps", "threads",
+               "device", "log_every", "ckpt_every"}
+
+
+def get_args(argv=None):
+    p = ArgumentParser(description="Train a sparse autoencoder (ReLU, TopK, BatchTopK, JumpReLU) on activations.")
+    p.add_argument("--acts", required=True, help="activations.safetensors, or a directory holding it")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--arch", choices=ARCHS, default="topk")
+    p.add_argument("--k", type=int, default=32,
+                   help="active latents per row: exact (topk), on average (batchtopk), the L0 that lambda is "
+                        "steered to (relu, jumprelu; unless --l1-coeff / --l0-coeff fix lambda)")
+    p.add_argument("--expansion", type=float, default=8.0, help="d_sae = expansion * d_in")
+    p.add_argument("--d-sae", type=int, default=None, help="number of latents (overrides --expansion)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch-size", type=int, default=4096, help="global batch (split over processes)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="training rows to consume (default: max(2000 batches, 100 passes over the train rows))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the 10%% hold-out when the file has no train_mask")
+    p.add_argument("--warmup-frac", type=float, default=0.05, help="lr warmup, fraction of steps")
+    p.add_argument("--decay-frac", type=float, default=0.2, help="final linear lr decay to 0, fraction of steps")
+    p.add_argument("--init", choices=("tied", "orthogonal"), default="tied",
+                   help="random unit decoder rows with W_enc = W_dec^T, or a semi-orthogonal W_dec")
+    p.add_argument("--no-normalize", action="store_true", help="do not scale inputs to unit mean squared norm")
+    p.add_argument("--l1-coeff", type=float, default=None,
+                   help="relu: fixed L1 coefficient (default: steered so that L0 approaches --k)")
+    p.add_argument("--l1-warmup-frac", type=float, default=0.05, help="relu: L1 coefficient ramps up from 0")
+    p.add_argument("--l0-coeff", type=float, default=None,
+                   help="jumprelu: fixed lambda; default: lambda is steered so that L0 approaches --k")
+    p.add_argument("--bandwidth", type=float, default=1e-3, help="jumprelu: STE kernel width eps")
+    p.add_argument("--init-threshold", type=float, default=1e-3, help="jumprelu: initial theta")
+    p.add_argument("--k-aux", type=int, default=None, help="AuxK latents (default d_in/2)")
+    p.add_argument("--auxk-coeff", type=float, default=1 / 32)
+    p.add_argument("--no-auxk", action="store_true", help="topk/batchtopk without the AuxK loss")
+    p.add_argument("--dead-tokens", type=int, default=None,
+                   help="a latent is dead after this many tokens without firing (default min(10M, train rows))")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--eval-rows", type=int, default=8192, help="held-out rows evaluated at each log step")
+    p.add_argument("--hook-name", default=None, help="metadata (default: from the activations' JSON sidecar)")
+    p.add_argument("--model-name", default=None, help="metadata (default: from the activations' JSON sidecar)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in --out")
+    p.add_argument("--stop-after-steps", type=int, default=None,
+                   help="checkpoint and exit after this many steps, as if killed (tests)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores / processes)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases")
+    args = p.parse_args(argv)
+    check(args.lr > 0 and math.isfinite(args.lr), f"--lr must be > 0 (got {args.lr})")
+    check(args.batch_size > 0, f"--batch-size must be > 0 (got {args.batch_size})")
+    check(args.k > 0, f"--k must be > 0 (got {args.k})")
+    check(args.expansion > 0, f"--expansion must be > 0 (got {args.expansion})")
+    check(args.d_sae is None or args.d_sae > 0, f"--d-sae must be > 0 (got {args.d_sae})")
+    check(args.tokens is None or args.tokens > 0, f"--tokens must be > 0 (got {args.tokens})")
+    check(0 <= args.warmup_frac < 1 and 0 <= args.decay_frac <= 1 and args.warmup_frac + args.decay_frac <= 1,
+          "--warmup-frac and --decay-frac must lie in [0, 1] and sum to at most 1")
+    check(0 <= args.l1_warmup_frac <= 1, "--l1-warmup-frac must lie in [0, 1]")
+    for name in ("l1_coeff", "l0_coeff"):
+        v = getattr(args, name)
+        check(v is None or v >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {v})")
+    check(args.bandwidth > 0 and args.init_threshold >= 0, "--bandwidth must be > 0 and --init-threshold >= 0")
+    check(args.k_aux is None or args.k_aux > 0, f"--k-aux must be > 0 (got {args.k_aux})")
+    check(args.dead_tokens is None or args.dead_tokens > 0, f"--dead-tokens must be > 0 (got {args.dead_tokens})")
+    check(args.log_every > 0 and args.ckpt_every > 0 and args.eval_rows > 0,
+          "--log-every, --ckpt-every and --eval-rows must be > 0")
+    check(args.stop_after_steps is None or args.stop_after_steps > 0, "--stop-after-steps must be > 0")
+    check(args.threads is None or args.threads > 0, "--threads must be > 0")
+    return args
+
+
+# ----------------------------------------------------------------------------
+# Data
+
+def load_activations(acts_arg: str, split_seed: int) -> dict:
+    """Read and check the activations; returns train/held-out rows and metadata.
+    Everything is validated here, before --out is touched."""
+    path = Path(acts_arg)
+    if path.is_dir():
+        check((path / "activations.safetensors").is_file(),
+              f"--acts {path} is a directory without activations.safetensors")
+        path = path / "activations.safetensors"
+    check(path.is_file(), f"--acts {path} does not exist")
+    t = load_tensors(path, what="--acts")
+    check("activations" in t, f"--acts {path} has no tensor named 'activations' (found: {', '.join(sorted(t)) or 'none'})")
+    x = t["activations"]
+    check(x.dim() == 2 and x.dtype.is_floating_point,
+          f"--acts {path}: 'activations' must be a 2-D float tensor, got {x.dtype} of shape {list(x.shape)}")
+    n, d = x.shape
+    check(n >= 2 and d >= 1, f"--acts {path}: 'activations' has shape {list(x.shape)}; need at least 2 rows")
+    x = x.float()
+    bad = ~torch.isfinite(x).all(1)
+    if bad.any():
+        rows = bad.nonzero().squeeze(1)
+        raise UserError(f"--acts {path}: {len(rows)} row(s) of 'activations' hold NaN/inf (first: row {int(rows[0])})")
+    if "train_mask" in t:
+        m = t["train_mask"]
+        check(m.shape == (n,), f"--acts {path}: 'train_mask' has shape {list(m.shape)}, expected [{n}]")
+        check(m.dtype == torch.bool or (not m.dtype.is_floating_point and bool(((m == 0) | (m == 1)).all())),
+              f"--acts {path}: 'train_mask' must be bool (True = SAE-train row)")
+        train = m.bool()
+        split = "train_mask"
+    else:                           # no recorded split: hold out a seeded 10%
+        g = torch.Generator().manual_seed(split_seed)
+        held = torch.randperm(n, generator=g)[: max(1, n // 10)]
+        train = torch.ones(n, dtype=torch.bool)
+        train[held] = False
+        split = f"seeded 10% hold-out (split seed {split_seed})"
+    check(int(train.sum()) > 0, f"--acts {path}: train_mask selects no rows")
+    sidecar = {}
+    side = path.with_suffix(".json")
+    if side.is_file():
+        sidecar = load_json(side, "activations sidecar")
+        sidecar = sidecar if isinstance(sidecar, dict) else {}
+        for key in ("d_in", "d_model"):
+            v = sidecar.get(key)
+            check(v is None or v == d, f"--acts {path}: mismatched d_in: {side.name} says {key}={v} "
+                                       f"but 'activations' has {d} columns")
+    return {"path": path, "x_train": x[train], "x_held": x[~train], "d_in": d, "n": n, "split": split,
+            "sidecar": sidecar, "sha256_1mb": file_sha256(path, limit=1 << 20), "bytes": path.stat().st_size}
+
+
+class RowSource:
+    """The SAE-train rows, in memory. batch(step) is a pure function of (seed, step):
+    a fresh seeded permutation per pass, cut into global batches, each process taking
+    its slice. So a resumed run, or N processes, see exactly the rows one uninterrupted
+    process would; the data position is just the step. (A streaming source over shards
+    with a shuffle buffer can offer the same batch(step) and state().)"""
+
+    def __init__(self, x: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.x, self.B, self.seed, self.rank, self.world = x, batch_size, seed, rank, world
+        self.per_epoch = len(x) // batch_size
+        self.local = batch_size // world
+        self._epoch, self._perm = -1, None
+        self._buf = torch.empty(self.local, x.shape[1], dtype=x.dtype, device=x.device)
+
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2 ** 63))
+            self._epoch, self._perm = epoch, torch.randperm(len(self.x), generator=g).to(self.x.device)
+        lo = i * self.B + self.rank * self.local
+        return torch.index_select(self.x, 0, self._perm[lo:lo + self.local], out=self._buf)
+
+    def state(self) -> dict:
+        return {"kind": "memory-rows", "rows": len(self.x), "batches_per_pass": self.per_epoch}
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int, decay: int) -> float:
+    """Linear warmup, constant, then linear decay to 0 over the last `decay` steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if decay and step >= steps - decay:
+        return lr * (steps - step) / decay
+    return lr
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints: safetensors tensors + JSON in the header; no pickle.
+
+def save_checkpoint(path: Path, sae: SAE, opt, step: int, since_fired, lam: float, meta: dict) -> None:
+    t = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        for k, v in opt.state.get(p, {}).items():
+            t[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    t["since_fired"] = since_fired
+    t["rng.torch"] = torch.get_rng_state()
+    save_tensors(t, path, metadata={"state": json.dumps({"step": step, "lam": lam, **meta})})
+
+
+def checkpoint_state(path: Path) -> dict:
+    """The JSON part of a checkpoint: step, lambda, config, data identity."""
+    try:
+        return json.loads(load_tensor_metadata(path)["state"])
+    except Exception:                                      # no header, not JSON, not ours
+        raise UserError(f"checkpoint {path} has no readable training state; pass --overwrite to start over")
+
+
+def load_checkpoint(path: Path, sae: SAE, opt) -> tuple[int, torch.Tensor, float]:
+    t = load_tensors(path, what="checkpoint")
+    meta = checkpoint_state(path)
+    sd = {k[4:]: v for k, v in t.items() if k.startswith("sae.")}
+    try:
+        sae.load_state_dict(sd)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit this SAE ({str(e).splitlines()[-1].strip()[:160]})")
+    params = opt.param_groups[0]["params"]
+    state = {}
+    for i, p in enumerate(params):
+        s = {k.split(".", 2)[2]: v for k, v in t.items() if k.startswith(f"opt.{i}.")}
+        for k, v in s.items():              # the parameter's own memory layout, as a fresh run has
+            if v.shape == p.shape:
+                s[k] = torch.empty_like(p).copy_(v)
+        if s:
+            state[i] = s
+    opt.load_state_dict({"state": state, "param_groups": [{**opt.param_groups[0], "params": list(range(len(params)))}]})
+    torch.set_rng_state(t["rng.torch"])
+    return int(meta["step"]), t["since_fired"], float(meta["lam"])
+
+
+# ----------------------------------------------------------------------------
+
+def all_reduce(dist: Dist, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN if op == "min" else tdist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def evaluate(sae: SAE, x: torch.Tensor, chunk: int = 8192) -> dict:
+    """EV, MSE, L0 and never-fired fraction of sae's inference code on rows x."""
+    if len(x) == 0:
+        return {}
+    was = sae.training
+    sae.eval()
+    x_hats, l0_sum, fired, sq = [], 0.0, torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device), 0.0
+    for i in range(0, len(x), chunk):
+        xb = x[i:i + chunk]
+        f = sae.encode(xb)
+        xh = sae.decode(f)
+        x_hats.append(xh)
+        l0_sum += mean_l0(f) * len(xb)
+        fired |= (f > 0).any(0)
+        sq += float((xh - xb).double().pow(2).sum())
+    sae.train(was)
+    x_hat = torch.cat(x_hats)
+    return {"ev": explained_variance(x, x_hat), "mse": sq / len(x), "l0": l0_sum / len(x),
+            "never_fired_frac": float((~fired).float().mean()), "rows": len(x)}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    dist = Dist(args.device)
+    dev = dist.device
+    if args.threads or dist.world_size > 1:
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    try:
+        train(args, dist, dev)
+    finally:
+        dist.close()
+
+
+def train(args, dist: Dist, dev: torch.device):
+    # --- validate everything before writing anything ---------------------------
+    data = load_activations(args.acts, args.split_seed)
+    d_in = data["d_in"]
+    d_sae = args.d_sae or int(round(args.expansion * d_in))
+    check(args.k <= d_sae, f"--k {args.k} exceeds the number of latents d_sae={d_sae}")
+    n_train = len(data["x_train"])
+    check(args.batch_size <= n_train, f"--batch-size {args.batch_size} exceeds the {n_train} SAE-train rows of {data['path']}")
+    check(args.batch_size % dist.world_size == 0,
+          f"--batch-size {args.batch_size} is not divisible by the {dist.world_size} processes")
+    tokens = args.tokens or max(2000 * args.batch_size, 100 * n_train)
+    steps = max(1, tokens // args.batch_size)
+    warmup, decay = int(args.warmup_frac * steps), int(args.decay_frac * steps)
+    dead_tokens = args.dead_tokens or min(10_000_000, n_train)
+    use_auxk = args.arch in ("topk", "batchtopk") and not args.no_auxk
+
+    wandb = None
+    if args.wandb and dist.master:                         # imported only when asked for
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--wandb needs the wandb package (pip install wandb)")
+
+    out = Path(args.out)
+    ckpt_path = out / CKPT
+    if args.resume and ckpt_path.is_file() and not (out / FINAL).exists():
+        resuming = True
+    else:
+        if args.resume and dist.master and not (out / FINAL).exists():
+            print(f"note: no {CKPT} in --out {out}; starting from step 0", file=sys.stderr)
+        resuming = False
+        check(not ckpt_path.is_file() or args.overwrite or (out / FINAL).exists(),
+              f"--out {out} holds an unfinished run ({CKPT}); pass --resume to continue it or --overwrite to start over")
+    prepare_out_dir(out, FINAL, overwrite=args.overwrite, resume=args.resume)
+
+    # --- data: normalise to unit mean squared norm (the scale is folded in at the end)
+    x_train, x_held = data["x_train"].to(dev), data["x_held"].to(dev)
+    scale = 1.0 if args.no_normalize else float(1.0 / x_train.double().pow(2).sum(1).mean().sqrt().clamp_min(1e-30))
+    x_train.mul_(scale)
+    x_held_n = x_held * scale
+    eval_rows = x_held_n[: args.eval_rows]
+    source = RowSource(x_train, args.batch_size, args.seed, dist.rank, dist.world_size)
+
+    # --- model and optimiser -----------------------------------------------------
+    gen = seed_everything(args.seed)
+    sae = SAE(d_in, d_sae, args.arch, args.k, k_aux=args.k_aux, auxk_coeff=args.auxk_coeff,
+              l1_coeff=args.l1_coeff or 0.0, l0_coeff=args.l0_coeff or 0.0, bandwidth=args.bandwidth,
+              init_threshold=args.init_threshold, init=args.init, generator=gen)
+    sample = x_train[torch.randperm(n_train, generator=gen)[:32768].to(dev)]
+    sae.init_b_dec_(sample)                                # Bricken et al. 2023
+    sae.to(dev).train()
+    if dist.world_size > 1:                                # every process starts from rank 0's weights
+        import torch.distributed as tdist
+        for p in sae.parameters():
+            tdist.broadcast(p.data, 0)
+    try:
+        opt = torch.optim.Adam(sae.parameters(), lr=args.lr, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
+    since_fired = torch.zeros(d_sae, dtype=torch.long, device=dev)   # tokens since each latent last fired
+    # relu / jumprelu: lambda (l1_coeff / l0_coeff) is fixed by the flag, or steered toward L0 = k
+    fixed = args.l1_coeff if args.arch == "relu" else args.l0_coeff if args.arch == "jumprelu" else 0.0
+    steer = fixed is None
+    lam = (0.01 if args.arch == "relu" else 1e-4) if steer else fixed
+    start = 0
+    ckpt_meta = {"config": {k: v for k, v in vars(args).items() if k not in RESUME_FREE},
+                 "acts_sha256_1mb": data["sha256_1mb"], "d_in": d_in, "d_sae": d_sae, "n_train": n_train,
+                 "input_scale": scale, "data": source.state()}
+    if resuming:                                           # check it is the same run, then load
+        meta = checkpoint_state(ckpt_path)
+        check(meta.get("d_in") == d_in, f"--resume: mismatched d_in: the checkpoint was trained on "
+                                        f"d_in={meta.get('d_in')}, --acts has d_in={d_in}")
+        diff = [k for k, v in ckpt_meta["config"].items() if meta.get("config", {}).get(k) != v]
+        check(not diff, f"--resume: flags differ from the checkpointed run: "
+                        f"{', '.join('--' + k.replace('_', '-') for k in diff)}")
+        check(meta.get("acts_sha256_1mb") == data["sha256_1mb"],
+              f"--resume: --acts {data['path']} is not the file the run started on")
+        start, since_fired, lam = load_checkpoint(ckpt_path, sae, opt)
+        since_fired = since_fired.to(dev)
+    if dist.master:
+        for name in OUTPUTS:                               # half-written files of a killed run
+            for tmp in out.glob(f".{name}.tmp*"):
+                tmp.unlink(missing_ok=True)
+        if not resuming:
+            for name in OUTPUTS:                           # --overwrite: clear the old run
+                (out / name).unlink(missing_ok=True)
+        else:                                              # keep the metrics up to the checkpoint
+            mpath = out / "metrics.jsonl"
+            if mpath.exists():
+                keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
+                tmp = out / ".metrics.jsonl.tmp"
+                tmp.write_text("".join(ln + "\n" for ln in keep))
+                os.replace(tmp, mpath)
+
+    if wandb is not None:
+        wandb.init(project=args.wandb, config={**vars(args), "d_in": d_in, "d_sae": d_sae, "steps": steps},
+                   dir=str(out), resume="allow")
+
+    # --- the loop -------------------------------------------------------------------------
+    from tqdm import tqdm
+    bar = tqdm(total=steps, initial=start, disable=args.quiet or not dist.master or not sys.stderr.isatty(),
+               unit="step", dynamic_ncols=True)
+    red = (lambda t: all_reduce(dist, t)) if dist.world_size > 1 else None
+    t_last, tok_last, l0_global = time.perf_counter(), start * args.batch_size, None
+    stop_at = steps if args.stop_after_steps is None else min(steps, start + args.stop_after_steps)
+    step = start
+    for step in range(start, stop_at):
+        lr = lr_at(step, steps, args.lr, warmup, decay)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if args.arch == "relu":       # L1 warmup (Conerly et al. 2024), on top of any steering
+            coeff = lam * min(1.0, (step + 1) / max(1, int(args.l1_warmup_frac * steps)))
+        elif args.arch == "jumprelu":
+            coeff = lam
+        else:
+            coeff = None
+        dead_mask = since_fired >= dead_tokens if use_auxk else None
+        x = source.batch(step)
+        out_ = sae(x, dead_mask=dead_mask, sparsity_coeff=coeff, all_reduce=red)
+        opt.zero_grad(set_to_none=True)
+        out_.loss.backward()
+        if dist.world_size > 1:                            # data parallel: average the gradients
+            # (what DDP does, written out: one bucket, one all-reduce per step)
+            for p in sae.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in sae.parameters()]
+            flat = dist.all_reduce_mean_(torch.cat([g.reshape(-1) for g in grads]))
+            i = 0
+            for g in grads:
+                g.copy_(flat[i:i + g.numel()].view_as(g))
+                i += g.numel()
+        sae.remove_parallel_grad_()                        # Bricken et al. 2023
+        opt.step()
+        sae.post_step_()                                   # unit-norm decoder rows, theta >= 0
+
+        # global statistics: which latents fired, L0, BatchTopK's smallest kept activation
+        with torch.no_grad():
+            stats = torch.cat([out_.fired.to(torch.float64), (out_.l0 * x.shape[0]).view(1).double()])
+            all_reduce(dist, stats)
+            fired = stats[:-1] > 0
+            l0_global = float(stats[-1]) / args.batch_size
+            since_fired = torch.where(fired, torch.zeros_like(since_fired), since_fired + args.batch_size)
+            if args.arch == "batchtopk" and out_.min_active is not None:
+                m = all_reduce(dist, out_.min_active.detach().double().view(1).clone(), op="min")
+                sae.update_threshold_(float(m))
+            if steer:                 # integral control of lambda toward L0 = k, at most 2% a step
+                lam *= math.exp(0.02 * max(-1.0, min(1.0, math.log(max(l0_global, 1e-3) / args.k))))
+
+        done = step + 1
+        if done % args.log_every == 0 or done == steps:
+            terms = torch.stack([out_.loss.detach()] + [v.detach() for v in out_.losses.values()]).double()
+            dist.all_reduce_mean_(terms)
+            if dist.master:
+                now = time.perf_counter()
+                rec = {"step": done, "tokens": done * args.batch_size, "lr": lr, "loss": float(terms[0])}
+                rec.update({k: float(v) for k, v in zip(out_.losses, terms[1:])})   # mse, l1/l0/auxk_loss
+                rec["ev"] = explained_variance(x, out_.x_hat.detach())
+                rec["l0"] = l0_global
+                rec["dead_frac"] = float((since_fired >= dead_tokens).float().mean())
+                rec["tokens_per_s"] = (done * args.batch_size - tok_last) / max(1e-9, now - t_last)
+                if args.arch in ("relu", "jumprelu"):
+                    rec["lambda"] = lam
+                if args.arch == "batchtopk":
+                    rec["threshold"] = float(sae.threshold[0])
+                ev = evaluate(sae, eval_rows)
+                if ev:
+                    rec["heldout_ev"], rec["heldout_l0"] = ev["ev"], ev["l0"]
+                append_jsonl(out / "metrics.jsonl", rec)
+                if wandb is not None:
+                    wandb.log(rec, step=done)
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['ev']:.3f}", l0=f"{rec['l0']:.1f}")
+                t_last, tok_last = time.perf_counter(), done * args.batch_size    # (excludes the eval)
+        if (done % args.ckpt_every == 0 or done == stop_at) and dist.master:
+            save_checkpoint(ckpt_path, sae, opt, done, since_fired, lam, ckpt_meta)
+        bar.update(1)
+    bar.close()
+    if stop_at < steps:                                    # --stop-after-steps: leave as if killed
+        dist.barrier()
+        return
+
+    # --- finish: back to the input's units, save, evaluate on the held-out rows ---------------
+    dist.barrier()
+    if not dist.master:
+        return
+    train_l0 = l0_global
+    sae.fold_input_scale_(scale)
+    sae.eval()
+    held = evaluate(sae, x_held)
+    side = data["sidecar"]
+    prov = provenance(args, seed=args.seed, d_in=d_in, d_sae=d_sae, steps=steps, tokens=steps * args.batch_size,
+                      n_train=n_train, n_heldout=len(x_held), split=data["split"], input_scale=scale,
+                      dead_tokens=dead_tokens, warmup_steps=warmup, decay_steps=decay,
+                      world_size=dist.world_size, acts_sha256_1mb=data["sha256_1mb"])
+    meta = {"model_name": args.model_name or side.get("model_name") or side.get("model"),
+            "hook_name": args.hook_name or side.get("hook_name"),
+            "input_scale_folded": scale, "seed": args.seed, "code_version": prov["code_version"],
+            "training_config": prov["config"], "tokens": steps * args.batch_size}
+    sae.save(out, metadata=meta)
+    summary = {**prov, "heldout": held, "final_train_l0": train_l0,
+               "final_lambda": lam if args.arch in ("relu", "jumprelu") else None,
+               "batchtopk_threshold": float(sae.threshold[0]) if args.arch == "batchtopk" else None,
+               "dead_frac": float((since_fired >= dead_tokens).float().mean())}
+    save_json(summary, out / FINAL)
+    if wandb is not None:
+        wandb.log({f"final/{k}": v for k, v in held.items()})
+        wandb.finish()
+    if not args.quiet:
+        print(f"saved {out}: held-out EV {held.get('ev', float('nan')):.4f}, L0 {held.get('l0', float('nan')):.1f}"
+              if held else f"saved {out} (no held-out rows)")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,172 @@
+"""Tokens/s of one SAE training step for each architecture, beside a plain dense
+PyTorch TopK step and the measured fp32 GEMM rate, in one run, one table.
+
+    .venv/bin/python bench/bench_sae.py                       # 128 -> 1024, k 32, batch 4096
+    .venv/bin/python bench/bench_sae.py --d-in 768 --d-sae 24576 --batch-size 4096 --steps 5
+
+A step is what 03_train_sae.py does per batch: forward, backward, decoder-gradient
+projection, Adam, decoder renormalisation. "GFLOP/s" counts the FLOPs the step
+really performs (the sparse path does far fewer than the dense one); "% GEMM" is that
+rate over a large square fp32 matmul measured in the same run. Timings are the median
+step, after warm-up; other processes on the machine show up in them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sae import SAE  # noqa: E402
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(step, n_steps: int, warmup: int = 3) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(n_steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemm_rate(device, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sec = timed(lambda: a @ b, reps, warmup=2)
+    return 2 * n ** 3 / sec
+
+
+def plain_topk_step(d_in, d_sae, k, lr, device):
+    """The straightforward dense version: scatter the top-k into a [B, d_sae] code and
+    multiply by W_dec; autograd does the rest (as most SAE code, SAELens's default too)."""
+    g = torch.Generator().manual_seed(0)
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    W_dec = torch.nn.Parameter((W_dec / W_dec.norm(dim=1, keepdim=True)).to(device))
+    W_enc = torch.nn.Parameter(W_dec.detach().t().contiguous())
+    b_enc = torch.nn.Parameter(torch.zeros(d_sae, device=device))
+    b_dec = torch.nn.Parameter(torch.zeros(d_in, device=device))
+    opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=lr)
+
+    def step(x):
+        pre = (x - b_dec) @ W_enc + b_enc
+        v, i = pre.topk(k, dim=-1)
+        acts = torch.zeros_like(pre).scatter(-1, i, v.relu())
+        x_hat = acts @ W_dec + b_dec
+        loss = (x_hat - x).pow(2).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+        opt.step()
+        with torch.no_grad():
+            W_dec.div_(W_dec.norm(dim=1, keepdim=True))
+    return step
+
+
+def our_step(sae: SAE, lr: float, dead_mask=None, coeff=None):
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)   # as 03_train_sae.py
+    sae.train()
+
+    def step(x):
+        out = sae(x, dead_mask=dead_mask, sparsity_coeff=coeff)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.remove_parallel_grad_()
+        opt.step()
+        sae.post_step_()
+        if out.min_active is not None:
+            sae.update_threshold_(out.min_active)
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--d-in", type=int, default=128)
+    ap.add_argument("--d-sae", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per case and round")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds over all cases (median reported)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    ap.add_argument("--dead-frac", type=float, default=0.25, help="dead latents in the AuxK row")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    d, D, k, B = args.d_in, args.d_sae, args.k, args.batch_size
+    lr = 3e-4
+
+    # data: sparse combinations of random unit directions, like the tests use
+    feats = torch.randn(4 * D, d)
+    feats /= feats.norm(dim=1, keepdim=True)
+    x = torch.zeros(B, d)
+    for _ in range(8):
+        x += torch.rand(B, 1) * feats[torch.randint(len(feats), (B,))]
+    x = x.to(dev)
+
+    mm = 2 * B * d * D                                # one [B,d] x [d,D] matmul
+    sp = 2 * B * k * d                                # one k-sparse decode-sized product
+    k_aux = d // 2
+    gen = torch.Generator().manual_seed(0)
+    dead = torch.zeros(D, dtype=torch.bool)
+    dead[torch.randperm(D, generator=gen)[: int(args.dead_frac * D)]] = True
+    dead = dead.to(dev)
+    n_dead = int(dead.sum())
+    # AuxK: embedding_bag forward + sampled d code over k_aux latents a row; the two weight
+    # gradients over the dead sub-dictionary, as dense matmuls once it is >1/8 full (sae.py)
+    ka = min(k_aux, n_dead)
+    aux_flops = 2 * 2 * B * ka * d + (2 * 2 * B * n_dead * d if ka * 8 > n_dead else 2 * 2 * B * ka * d)
+    # name, step, FLOPs the step performs. Dense: encoder fwd, decoder fwd, decoder bwd
+    # (d code, dW_dec), encoder bwd (dW_enc; the plain step also d x_c for b_dec's grad).
+    cases = [("plain dense TopK (reference)", plain_topk_step(d, D, k, lr, dev), 6 * mm)]
+    for name, kw, dm, flops in [
+        ("topk (sparse path)", dict(arch="topk", sparse=True), None, mm + 4 * sp),
+        (f"topk + AuxK ({n_dead} dead)", dict(arch="topk", sparse=True), dead, mm + 4 * sp + aux_flops),
+        ("topk (dense path)", dict(arch="topk", sparse=False), None, 5 * mm),
+        ("batchtopk (sparse path)", dict(arch="batchtopk", sparse=True), None, mm + 4 * sp),
+        ("jumprelu (dense)", dict(arch="jumprelu"), None, 5 * mm),
+        ("relu / L1 (dense)", dict(arch="relu"), None, 5 * mm),
+    ]:
+        sae = SAE(d, D, k=k, generator=torch.Generator().manual_seed(0), **kw).to(dev)
+        sae.init_b_dec_(x[:2048])
+        cases.append((name, our_step(sae, lr, dm), flops))
+
+    # interleave the cases over several rounds so that a burst of load elsewhere on the
+    # machine hits all of them alike; report each case's median step
+    times = {name: [] for name, _, _ in cases}
+    gemm_runs = []
+    for r in range(args.rounds):
+        gemm_runs.append(gemm_rate(dev, 2048 if dev.type == "cpu" else 8192))
+        for name, step, _ in cases:
+            times[name].append(timed(lambda: step(x), args.steps, warmup=3 if r == 0 else 1))
+    gemm = statistics.median(gemm_runs)
+    plain_tps = B / statistics.median(times[cases[0][0]])
+    rows = [(name, B / statistics.median(times[name]), flops) for name, _, flops in cases]
+
+    where = (f"{torch.get_num_threads()} CPU threads" if dev.type == "cpu"
+             else torch.cuda.get_device_name(dev))
+    print(f"SAE training step, d_in {d} -> d_sae {D}, k {k}, batch {B}, fp32, {where}, torch {torch.__version__}")
+    print(f"measured fp32 GEMM rate ({2048 if dev.type == 'cpu' else 8192}^3): {gemm / 1e9:.1f} GFLOP/s")
+    print(f"{'step':34s} {'tokens/s':>10s} {'x plain':>8s} {'GFLOP/s':>8s} {'% GEMM':>7s}")
+    for name, tps, flops in rows:
+        rate = flops * tps / B
+        print(f"{name:34s} {tps:10,.0f} {tps / plain_tps:8.2f} {rate / 1e9:8.1f} {100 * rate / gemm:6.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""03_train_sae.py end to end: known answers on a known sparse dictionary, resume, DDP,
+determinism, and one-line errors for bad input."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from common import load_tensor_metadata
+from conftest import ROOT, sparse_dictionary_data, write_acts
+from sae import SAE
+
+SCRIPT = ROOT / "03_train_sae.py"
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+# small and quick: 256 features in 64 dims, 2 active per row; batch 512
+BASE = ["--k", "2", "--batch-size", "512", "--log-every", "25", "--quiet"]
+
+
+def run(*args, check=True, timeout=300):
+    p = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                       env=ENV, cwd=ROOT, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def k2(tmp_path_factory):
+    """(dir with activations.safetensors, true features): 20k rows, 90% SAE-train."""
+    x, feats = sparse_dictionary_data(n=20000, active=2)
+    d = tmp_path_factory.mktemp("k2")
+    write_acts(d / "activations.safetensors", x)
+    return d, feats
+
+
+@pytest.fixture(scope="session")
+def trainer():
+    spec = importlib.util.spec_from_file_location("train_sae", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out):
+    return load_file(str(Path(out) / "sae_weights.safetensors"))
+
+
+def assert_unit_rows(out):
+    norms = weights(out)["W_dec"].norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# known answers
+
+def test_help():
+    p = run("--help")
+    assert "--acts" in p.stdout and "--resume" in p.stdout and "torchrun" not in p.stderr
+
+
+def test_topk_recovers_the_true_features(k2, tmp_path):
+    acts, feats = k2
+    out = tmp_path / "topk"
+    run("--acts", acts, "--out", out, "--arch", "topk", "--expansion", "8", "--lr", "3e-3", "--tokens", 256000, *BASE)
+    sae = SAE.load(out)
+    max_cos = (feats @ sae.W_dec.detach().t()).max(1).values
+    assert (max_cos > 0.9).float().mean() >= 0.9, f"recovered {(max_cos > 0.9).float().mean():.2f}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["heldout"]["ev"] > 0.95 and summary["heldout"]["l0"] == pytest.approx(2.0)
+    assert summary["n_heldout"] == 2000 and summary["split"] == "train_mask"
+    assert {"config", "seed", "code_version"} <= summary.keys()
+    m = metrics(out)
+    assert m[-1]["mse"] < 0.2 * m[0]["mse"] and m[-1]["step"] == 500
+    assert {"loss", "mse", "auxk_loss", "ev", "l0", "dead_frac", "tokens_per_s", "heldout_ev"} <= m[-1].keys()
+    assert_unit_rows(out)
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 2 and cfg["d_in"] == 64 and cfg["d_sae"] == 512
+    assert cfg["normalize_activations"] == "none" and cfg["metadata"]["seed"] == 0
+    assert cfg["metadata"]["input_scale_folded"] == pytest.approx(summary["input_scale"])
+
+
+@pytest.mark.parametrize("arch,extra", [("batchtopk", []), ("relu", ["--l1-coeff", "0.05"]),
+                                        ("jumprelu", ["--l0-coeff", "0.003"]), ("relu", []), ("jumprelu", [])],
+                         ids=["batchtopk", "relu", "jumprelu", "relu-steered", "jumprelu-steered"])
+def test_each_architecture_trains(arch, extra, k2, tmp_path):
+    acts, _ = k2
+    out = tmp_path / arch
+    run("--acts", acts, "--out", out, "--arch", arch, "--expansion", "8", "--lr", "3e-3", "--tokens", 256000,
+        *extra, *BASE)
+    m = metrics(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert_unit_rows(out)
+    l0 = [r["l0"] for r in m]
+    if arch == "batchtopk" or extra:            # fixed coefficients: the loss falls
+        assert m[-1]["loss"] < 0.5 * m[0]["loss"] and m[-1]["mse"] < 0.5 * m[0]["mse"]
+    if arch == "batchtopk":      # the threshold at inference keeps L0 near the training L0 (= k)
+        assert summary["final_train_l0"] == pytest.approx(2.0)
+        assert abs(summary["heldout"]["l0"] - 2.0) < 0.1 * 2.0
+        assert SAE.load(out).arch == "batchtopk"
+        assert json.loads((out / "cfg.json").read_text())["architecture"] == "jumprelu"
+    if not extra and arch in ("relu", "jumprelu"):   # lambda steered: L0 falls to its target k = 2
+        assert l0[0] > 10 and abs(l0[-1] - 2) < 0.5 and abs(summary["heldout"]["l0"] - 2) < 0.5
+        assert m[-1]["lambda"] > 10 * m[0]["lambda"]
+    if arch == "jumprelu":       # theta moves (stored directly; see sae.py), it does not sit at its init
+        assert l0[-1] < 0.5 * l0[0]
+        assert float(SAE.load(out).threshold.detach().mean()) > 10 * 1e-3 / summary["input_scale"]
+
+
+def test_auxk_revives_latents_that_die_without_it(k2, tmp_path):
+    """A high lr kills latents early; AuxK (Gao et al. 2024) brings them back."""
+    acts, _ = k2
+    args = ["--acts", acts, "--arch", "topk", "--expansion", "4", "--lr", "1e-2", "--tokens", 128000, *BASE]
+    run(*args, "--out", tmp_path / "auxk")
+    run(*args, "--out", tmp_path / "plain", "--no-auxk")
+    with_, without = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("auxk", "plain"))
+    assert without["dead_frac"] > 0.1
+    assert with_["dead_frac"] < 0.5 * without["dead_frac"]
+    assert with_["heldout"]["ev"] > without["heldout"]["ev"]
+    assert any(r["auxk_loss"] > 0 for r in metrics(tmp_path / "auxk"))
+
+
+# ----------------------------------------------------------------------------
+# determinism, resume, multi-process
+
+def _same_run(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]   # noqa: E731
+    assert strip(metrics(a)) == strip(metrics(b))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_deterministic_and_resume_is_bit_identical(arch, k2, tmp_path, trainer, capsys):
+    """In-process runs (same code path as the CLI, without the interpreter start-up)."""
+    acts, _ = k2
+    # lr 1e-2 kills latents, so AuxK and its dead-latent counters are live across the resume;
+    # batchtopk carries its threshold, jumprelu its lambda and theta
+    args = ["--acts", acts, "--arch", arch, "--expansion", "4", "--lr", "1e-2", "--tokens", 40960,
+            "--ckpt-every", 15, *BASE]
+    for name, extra in (("a", []), ("b", []), ("c", ["--stop-after-steps", 37]), ("c", ["--resume"])):
+        trainer.main([str(a) for a in (*args, "--out", tmp_path / name, *extra)])
+        if extra and extra[0] == "--stop-after-steps":
+            assert not (tmp_path / "c" / "summary.json").exists()
+            state = json.loads(load_tensor_metadata(tmp_path / "c" / "checkpoint.safetensors")["state"])
+            assert state["step"] == 37
+    _same_run(tmp_path / "a", tmp_path / "b")                      # same command, same weights
+    _same_run(tmp_path / "a", tmp_path / "c")                      # stopped at 37 and resumed: the same
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(k2, tmp_path):
+    acts, _ = k2
+    args = ["--acts", acts, "--arch", "topk", "--expansion", "4", "--lr", "1e-2", "--tokens", 512 * 600,
+            "--ckpt-every", 20, *BASE]
+    run(*args, "--out", tmp_path / "ref")
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out", str(out)], env=ENV, cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = out / "checkpoint.safetensors"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if ck.exists() and (out / "metrics.jsonl").exists() and len(metrics(out)) >= 4:   # mid-run
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, "the run finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "summary.json").exists()
+    assert run(*args, "--out", out, check=False).returncode == 2  # unfinished: needs --resume
+    run(*args, "--out", out, "--resume")
+    _same_run(tmp_path / "ref", out)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(k2, tmp_path):
+    acts, _ = k2
+    args = ["--acts", acts, "--arch", "topk", "--expansion", "4", "--lr", "1e-2", "--tokens", 512 * 100, *BASE]
+    run(*args, "--out", tmp_path / "one")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(SCRIPT), *map(str, args), "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
+    ma, mb = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(ma) == len(mb) and any(r["auxk_loss"] > 0 for r in ma)     # AuxK live in both
+    assert all(abs(x["loss"] - y["loss"]) < 1e-4 * max(1.0, x["loss"]) for x, y in zip(ma, mb))
+
+
+# ----------------------------------------------------------------------------
+# bad input: one line, exit 2, nothing written or overwritten
+
+def call(trainer, capsys, *args):
+    from common import run_main
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: trainer.main([str(a) for a in args]))
+    err = capsys.readouterr().err
+    return e.value.code, err
+
+
+@pytest.fixture(scope="session")
+def finished(k2, tmp_path_factory):
+    """A finished run whose files must survive every bad command pointed at it."""
+    acts, _ = k2
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run("--acts", acts, "--out", out, "--arch", "topk", "--expansion", "2", "--tokens", 512 * 30, *BASE)
+    return out
+
+
+def _snapshot(out):
+    return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir())}
+
+
+def _bad_files(d: Path, k2dir: Path):
+    x = sparse_dictionary_data(n=300, active=2)[0]
+    files = {}
+    files["missing"] = d / "nope.safetensors"
+    (d / "emptydir").mkdir()
+    files["dir without file"] = d / "emptydir"
+    (d / "garbage.safetensors").write_bytes(b"not a safetensors file at all")
+    files["garbage"] = d / "garbage.safetensors"
+    save_file({"x": x}, str(d / "nokey.safetensors"))
+    files["missing key"] = d / "nokey.safetensors"
+    save_file({"activations": x[:, 0].contiguous()}, str(d / "1d.safetensors"))
+    files["1-D"] = d / "1d.safetensors"
+    save_file({"activations": (x * 10).long()}, str(d / "int.safetensors"))
+    files["int"] = d / "int.safetensors"
+    xn = x.clone()
+    xn[7, 3] = float("nan")
+    xn[9, 0] = float("inf")
+    save_file({"activations": xn}, str(d / "nan.safetensors"))
+    files["nan"] = d / "nan.safetensors"
+    save_file({"activations": x, "train_mask": torch.ones(5, dtype=torch.bool)}, str(d / "mask.safetensors"))
+    files["mask shape"] = d / "mask.safetensors"
+    (d / "sidecar").mkdir()
+    write_acts(d / "sidecar" / "activations.safetensors", x)
+    (d / "sidecar" / "activations.json").write_text(json.dumps({"d_in": 32, "hook_name": "h"}))
+    files["mismatched d_in"] = d / "sidecar"
+    return files
+
+
+BAD = {   # name: (which --acts, extra flags, expected text)
+    "missing": ("missing", [], "does not exist"),
+    "dir without file": ("dir without file", [], "directory without activations.safetensors"),
+    "garbage": ("garbage", [], "not a readable safetensors file"),
+    "missing key": ("missing key", [], "no tensor named 'activations' (found: x)"),
+    "1-D": ("1-D", [], "must be a 2-D float tensor"),
+    "int": ("int", [], "must be a 2-D float tensor"),
+    "nan": ("nan", [], "2 row(s) of 'activations' hold NaN/inf (first: row 7)"),
+    "mask shape": ("mask shape", [], "'train_mask' has shape [5], expected [300]"),
+    "mismatched d_in": ("mismatched d_in", [], "mismatched d_in: activations.json says d_in=32"),
+    "k > d_sae": ("good", ["--k", "600"], "--k 600 exceeds the number of latents d_sae=512"),
+    "batch > rows": ("good", ["--batch-size", "100000"], "--batch-size 100000 exceeds"),
+    "lr zero": ("good", ["--lr", "0"], "--lr must be > 0"),
+    "lr negative": ("good", ["--lr", "-0.001"], "--lr must be > 0"),
+    "unknown arch": ("good", ["--arch", "gated"], "invalid choice: 'gated'"),
+    "bad int": ("good", ["--k", "three"], "invalid int value"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_one_line_and_nothing_overwritten(case, trainer, capsys, finished, k2, tmp_path):
+    files = _bad_files(tmp_path, k2[0])
+    files["good"] = k2[0]
+    which, extra, text = BAD[case]
+    before = _snapshot(finished)
+    code, err = call(trainer, capsys, "--acts", files[which], "--out", finished, "--overwrite", "--quiet",
+                     "--tokens", 5120, *extra)
+    assert code == 2
+    assert err.startswith("error: ") and err.strip().count("\n") == 0 and text in err, err
+    assert _snapshot(finished) == before
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
+    p = run("--acts", tmp_path / "nope", "--out", tmp_path / "o", check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("error: --acts") and not (tmp_path / "o").exists()
+    p = run("--acts", tmp_path / "nope", "--out", tmp_path / "o", "--lr", "-1", check=False)
+    assert p.returncode == 2 and p.stderr.strip() == "error: --lr must be > 0 (got -1.0)"
+
+
+def test_finished_run_is_not_overwritten_without_flag(k2, finished, trainer, capsys):
+    before = _snapshot(finished)
+    code, err = call(trainer, capsys, "--acts", k2[0], "--out", finished, "--arch", "topk", "--expansion", "2",
+                     "--tokens", 512 * 30, *BASE)
+    assert code == 2 and "already holds a finished run" in err and _snapshot(finished) == before
+    code, err = call(trainer, capsys, "--acts", k2[0], "--out", finished, "--resume", "--quiet")
+    assert code == 2 and "already holds a finished run" in err and _snapshot(finished) == before
+
+
+def test_unfinished_run_needs_resume_or_overwrite_and_flags_must_match(k2, tmp_path, trainer, capsys):
+    acts, _ = k2
+    args = ["--acts", acts, "--out", tmp_path, "--arch", "topk", "--expansion", "2", "--tokens", 512 * 30, *BASE]
+    run(*args, "--stop-after-steps", 10)
+    code, err = call(trainer, capsys, *args)
+    assert code == 2 and "unfinished run" in err and "--resume" in err
+    code, err = call(trainer, capsys, *args[:-1], "--lr", "1e-3", "--resume", "--quiet")
+    assert code == 2 and "flags differ from the checkpointed run: --lr" in err
+    run(*args, "--overwrite")
+    assert (tmp_path / "summary.json").exists() and metrics(tmp_path)[0]["step"] == 25
+
+
+def test_plain_activations_file_gets_a_seeded_ten_percent_holdout(tmp_path):
+    x = sparse_dictionary_data(n=3000, active=2)[0]
+    save_file({"activations": x}, str(tmp_path / "mine.safetensors"))
+    for seed in (0, 1):
+        run("--acts", tmp_path / "mine.safetensors", "--out", tmp_path / f"s{seed}", "--arch", "relu",
+            "--expansion", "2", "--tokens", 512 * 20, "--seed", seed, *BASE)
+    s0, s1 = (json.loads((tmp_path / f"s{s}" / "summary.json").read_text()) for s in (0, 1))
+    assert s0["n_heldout"] == 300 and s0["n_train"] == 2700 and "seeded 10%" in s0["split"]
+    assert s0["heldout"]["rows"] == 300 and s0["heldout"]["mse"] != s1["heldout"]["mse"]
+
+
+def test_wandb_is_optional(k2, tmp_path, trainer, capsys):
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        code, err = call(trainer, capsys, "--acts", k2[0], "--out", tmp_path, "--tokens", 5120, "--wandb", "p",
+                         *BASE)
+        assert code == 2 and "--wandb needs the wandb package" in err and not (tmp_path / "metrics.jsonl").exists()
+    else:
+        env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        p = subprocess.run([sys.executable, str(SCRIPT), "--acts", str(k2[0]), "--out", str(tmp_path), "--tokens",
+                            "5120", "--wandb", "p", *BASE], env=env, cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
