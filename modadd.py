@@ -112,6 +112,38 @@ class Block(nn.Module):
         return _hook(hook, "resid_post", layer, x)
 
 
+    def forward_tables(self, tokens: torch.Tensor, W_E: torch.Tensor, W_pos: torch.Tensor) -> torch.Tensor:
+        """The same one-layer forward at `=`, computed per vocabulary entry instead of per row.
+
+        In the first layer, position 0 holds only embed(a) + pos0, position 1 only
+        embed(b) + pos1, and position 2 is always `=`: so keys, values (already
+        multiplied by W_O) and the attention scores of the one query are tables
+        over the p residues, gathered by a and b. Exact, and it removes the
+        per-row attention matmuls: training costs little more than the MLP.
+        """
+        h, dh = self.n_heads, self.d_head
+        a, b = tokens[:, 0], tokens[:, 1]
+        x01 = W_E[None] + W_pos[:2, None]                  # [2, vocab, d]: every token at pos 0 and 1
+        x2 = W_E[tokens[0, 2]] + W_pos[2]                   # [d]: `=` at pos 2 (same for every row)
+        q = (x2 @ self.W_Q).view(h, dh)
+        W_O = self.W_O.view(h, dh, -1)
+        k01 = (x01 @ self.W_K).view(2, -1, h, dh)
+        vo01 = torch.einsum("pvhe,hed->pvhd", (x01 @ self.W_V).view(2, -1, h, dh), W_O)
+        k2, vo2 = (x2 @ self.W_K).view(h, dh), torch.einsum("he,hed->hd", (x2 @ self.W_V).view(h, dh), W_O)
+        s01 = (k01 * q).sum(-1) / math.sqrt(dh)             # [2, vocab, h]
+        s2 = (k2 * q).sum(-1) / math.sqrt(dh)               # [h]
+        # One table per position: [score (h) | value @ W_O (h*d)], gathered once per row.
+        tab = torch.cat([s01, vo01.flatten(2)], -1)         # [2, vocab, h + h*d]
+        g0, g1 = F.embedding(a, tab[0]), F.embedding(b, tab[1])
+        w = torch.stack([g0[:, :h], g1[:, :h], s2.expand(len(a), h)], -1).softmax(-1)   # [B, h, 3]
+        B = len(a)
+        attn_out = ((w[..., 0:1] * g0[:, h:].view(B, h, -1)).sum(1) +
+                    (w[..., 1:2] * g1[:, h:].view(B, h, -1)).sum(1) + w[..., 2] @ vo2)
+        x = x2 + attn_out
+        x = x + F.relu(x @ self.W_in + self.b_in) @ self.W_out + self.b_out
+        return x
+
+
 def _hook(hook, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
     """Let `hook(site, layer, x_eq)` read (and optionally replace) the `=` position."""
     if hook is None:
@@ -139,6 +171,8 @@ class Transformer(nn.Module):
         hook(site, layer, x) sees each site at `=` ([B, width]) and may return a
         replacement (how 02 reads activations and 04 splices reconstructions in).
         """
+        if hook is None and len(self.blocks) == 1 and tokens.shape[1] == 3:
+            return self.blocks[0].forward_tables(tokens, self.W_E, self.W_pos) @ self.W_U
         x = self.W_E[tokens] + self.W_pos[: tokens.shape[1]]
         n = len(self.blocks)
         for i, block in enumerate(self.blocks):
