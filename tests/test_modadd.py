@@ -143,7 +143,7 @@ def test_table_forward_equals_generic_forward_and_gradients():
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "tiny"
     run("01_train_transformer.py", "--p", 23, "--d-model", 32, "--n-heads", 4, "--d-mlp", 64,
-        "--steps", 300, "--lr", 1e-2, "--seed", 3, "--out", out, "--quiet")
+        "--steps", 150, "--lr", 1e-2, "--seed", 3, "--out", out, "--quiet")
     return out
 
 
@@ -162,7 +162,7 @@ def test_train_writes_a_complete_run(tiny_run):
 def test_same_seed_same_weights(tiny_run, tmp_path):
     out = tmp_path / "again"
     run("01_train_transformer.py", "--p", 23, "--d-model", 32, "--n-heads", 4, "--d-mlp", 64,
-        "--steps", 300, "--lr", 1e-2, "--seed", 3, "--out", out, "--quiet")
+        "--steps", 150, "--lr", 1e-2, "--seed", 3, "--out", out, "--quiet")
     a, b = load_tensors(tiny_run / "model.safetensors"), load_tensors(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
