@@ -24,3 +24,271 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 def l0(acts: torch.Tensor) -> float:
     """Mean number of non-zero latents per row."""
     return float((acts != 0).sum(-1).double().mean())
+
+
+# ----------------------------------------------------------------------------
+# Reconstruction (04_evaluate.py). x, x_hat: [N, d]. All pooled in float64.
+
+def mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """MSE = (1/N) sum_n ||x_n - x_hat_n||^2: squared error summed over the d dimensions,
+    averaged over rows (the same quantity 03_train_sae.py logs as `mse`)."""
+    return float((x.double() - x_hat.double()).pow(2).sum() / max(len(x), 1))
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Normalised MSE (fraction of variance unexplained) FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
+    = 1 - explained_variance(x, x_hat)."""
+    return 1.0 - explained_variance(x, x_hat)
+
+
+def cosine_similarity(x: torch.Tensor, x_hat: torch.Tensor, eps: float = 1e-12) -> float:
+    """Mean over rows of cos(x_n, x_hat_n) = <x_n, x_hat_n> / (||x_n|| ||x_hat_n||).
+    Rows with x_n = 0 (cosine undefined) are left out; x_hat_n = 0 for x_n != 0 counts 0."""
+    x, x_hat = x.double(), x_hat.double()
+    keep = x.norm(dim=-1) > eps
+    x, x_hat = x[keep], x_hat[keep]
+    num = (x * x_hat).sum(-1)
+    den = (x.norm(dim=-1) * x_hat.norm(dim=-1)).clamp_min(eps)
+    return float((num / den).mean()) if len(x) else float("nan")
+
+
+def l2_ratio(x: torch.Tensor, x_hat: torch.Tensor, eps: float = 1e-12) -> float:
+    """Mean over rows of ||x_hat_n|| / ||x_n|| (1 = norms preserved; < 1 = shrinkage).
+    Rows with x_n = 0 (ratio undefined) are left out."""
+    x, x_hat = x.double(), x_hat.double()
+    keep = x.norm(dim=-1) > eps
+    if not bool(keep.any()):
+        return float("nan")
+    return float((x_hat[keep].norm(dim=-1) / x[keep].norm(dim=-1)).mean())
+
+
+# ----------------------------------------------------------------------------
+# Sparsity and health. acts: the dense code [N, d_sae].
+
+def firing_frequency(acts: torch.Tensor) -> torch.Tensor:
+    """Per latent: the fraction of rows on which it is non-zero, freq_i = (1/N) sum_n 1[f_ni != 0]. [d_sae]"""
+    return (acts != 0).double().mean(0)
+
+
+def dead_fraction(acts: torch.Tensor) -> float:
+    """Fraction of latents that never fire on these rows: mean_i 1[freq_i == 0]."""
+    return float((firing_frequency(acts) == 0).double().mean())
+
+
+def dense_fraction(acts: torch.Tensor, threshold: float = 0.1) -> float:
+    """Fraction of latents active on more than `threshold` (10%) of rows: mean_i 1[freq_i > 0.1]."""
+    return float((firing_frequency(acts) > threshold).double().mean())
+
+
+# ----------------------------------------------------------------------------
+# Downstream (splice the reconstruction into the model). Shared with lm.py.
+
+def loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
+    """Loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean).
+
+    1 = splicing the SAE in costs nothing; 0 = as bad as zero-ablating the site.
+    NaN when CE_zero == CE_clean (the site does not matter, so the ratio is undefined).
+    """
+    den = ce_zero - ce_clean
+    if abs(den) < 1e-12:
+        return float("nan")
+    return float((ce_zero - ce_sae) / den)
+
+
+def kl_divergence(logits_ref: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over rows of KL(P_ref || P) = sum_c P_ref(c) (log P_ref(c) - log P(c)),
+    P = softmax(logits); P_ref from the clean model."""
+    lp_ref = torch.log_softmax(logits_ref.double(), -1)
+    lp = torch.log_softmax(logits.double(), -1)
+    return float((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean())
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over rows of -log softmax(logits)[label]."""
+    return float(torch.nn.functional.cross_entropy(logits.double(), labels))
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose argmax logit is the label."""
+    return float((logits.argmax(-1) == labels).double().mean())
+
+
+# ----------------------------------------------------------------------------
+# Ground truth for modular addition: frequency purity of latents over the (a, b) grid.
+
+def latent_grids(acts: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: int) -> torch.Tensor:
+    """Place each latent's activation on the p x p grid: acts [N, L] with inputs (a_n, b_n)
+    covering every pair once -> grids [L, p, p] with grids[l, a, b] = acts[n(a, b), l]."""
+    if len(acts) != p * p:
+        raise ValueError(f"need one row per (a, b) pair ({p * p}), got {len(acts)}")
+    idx = a.long() * p + b.long()
+    if not bool((torch.bincount(idx, minlength=p * p) == 1).all()):
+        raise ValueError("rows do not cover every (a, b) pair exactly once")
+    g = torch.empty(p * p, acts.shape[1], dtype=torch.float64)
+    g[idx] = acts.double()
+    return g.T.reshape(acts.shape[1], p, p)
+
+
+def latent_frequency_purity(acts: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: int):
+    """Per latent: (purity, k) from modadd.grid_frequency_purity on its (a, b) grid, i.e. the
+    share of its non-constant variance carried by one frequency k, counting the 2-D DFT terms
+    in a (k, 0), in b (0, k) and the products (k, k), which span cos/sin k(a + b) and k(a - b).
+    Returns (purity [L], best k [L], alive [L] = the latent varies over the grid)."""
+    import modadd
+    grids = latent_grids(acts, a, b, p)
+    alive = grids.reshape(len(grids), -1).std(-1) > 1e-9
+    purity = torch.zeros(len(grids), dtype=torch.float64)
+    k = torch.zeros(len(grids), dtype=torch.long)
+    idx = alive.nonzero().squeeze(1)
+    for i in range(0, len(idx), 128):               # chunks: the DFT's temporaries stay small
+        j = idx[i:i + 128]
+        pu, kk = modadd.grid_frequency_purity(grids[j], p)
+        purity[j], k[j] = pu, kk
+    return purity, k, alive
+
+
+def purity_summary(purity: torch.Tensor, k: torch.Tensor, alive: torch.Tensor, key_frequencies,
+                   threshold: float = 0.8) -> dict:
+    """fraction_pure = #(alive & purity >= 0.8) / #alive;
+    key_coverage = share of the key frequencies k that have >= 1 alive latent with purity >= 0.8 at k."""
+    pure = alive & (purity >= threshold)
+    n_alive = int(alive.sum())
+    covered = sorted({int(kk) for kk in k[pure].tolist()} & {int(x) for x in key_frequencies})
+    keys = list(key_frequencies)
+    counts = {}
+    for kk in k[pure].tolist():
+        counts[str(int(kk))] = counts.get(str(int(kk)), 0) + 1
+    pa = purity[alive].double()
+    q = {str(x): float(pa.quantile(x)) for x in (0.5, 0.9)} if n_alive else {}
+    return {"n_alive": n_alive, "n_pure": int(pure.sum()),
+            "mean_purity": float(pa.mean()) if n_alive else 0.0, "purity_quantiles": q,
+            "fraction_pure": float(pure.sum() / n_alive) if n_alive else 0.0,
+            "key_coverage": len(covered) / len(keys) if keys else float("nan"),
+            "keys_covered": covered, "pure_latents_per_frequency": dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
+            "purity_threshold": threshold}
+
+
+def fourier_directions(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: int, keys) -> tuple[torch.Tensor, list[str]]:
+    """Ground-truth directions in activation space: for each key frequency k and each of
+    g in {cos, sin} x {k a, k b, k (a + b)} (angles 2 pi k . / p), the least-squares direction
+    v_g of  X_c ~ G_c V  (X_c the centred activations [N, d], G_c the centred features [N, 6K]):
+    V = argmin ||X_c - G_c V||^2, i.e. the direction a latent equal to g would decode to.
+    Returns (unit rows [6K, d], names)."""
+    import math
+    a, b = a.double(), b.double()
+    cols, names = [], []
+    for k in keys:
+        w = 2 * math.pi * int(k) / p
+        for nm, arg in (("a", a), ("b", b), ("a+b", a + b)):
+            cols += [torch.cos(w * arg), torch.sin(w * arg)]
+            names += [f"cos{k}({nm})", f"sin{k}({nm})"]
+    G = torch.stack(cols, 1)
+    G = G - G.mean(0)
+    X = x.double() - x.double().mean(0)
+    V = torch.linalg.lstsq(G, X).solution                  # [6K, d]
+    return V / V.norm(dim=1, keepdim=True).clamp_min(1e-12), names
+
+
+# ----------------------------------------------------------------------------
+# Dictionary overlap (05_overlap.py) and matching. Rows are directions.
+
+def _unit(W: torch.Tensor) -> torch.Tensor:
+    W = W.double()
+    return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def cosine_matrix(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """C[i, j] = cos(A_i, B_j) for row sets A [n, d], B [m, d]."""
+    return _unit(A) @ _unit(B).T
+
+
+def mean_max_abs_cos(A: torch.Tensor, B: torch.Tensor) -> float:
+    """Symmetric mean max |cos|: (1/2) [ mean_i max_j |cos(A_i, B_j)| + mean_j max_i |cos(A_i, B_j)| ]."""
+    C = cosine_matrix(A, B).abs()
+    return float(0.5 * (C.max(1).values.mean() + C.max(0).values.mean()))
+
+
+def hungarian_match(C: torch.Tensor, maximize: bool = True):
+    """One-to-one matching maximising sum C[i, j] (scipy linear_sum_assignment; rectangular
+    C matches min(n, m) pairs). Returns (rows, cols) as LongTensors."""
+    from scipy.optimize import linear_sum_assignment
+    r, c = linear_sum_assignment(C.detach().cpu().numpy(), maximize=maximize)
+    return torch.as_tensor(r, dtype=torch.long), torch.as_tensor(c, dtype=torch.long)
+
+
+def hungarian_mcc(A: torch.Tensor, B: torch.Tensor, signed: bool = True) -> float:
+    """Hungarian-matched mean cosine (PW-MCC, Song et al. 2025): match rows of A and B one to one
+    maximising the total cosine, report the mean matched cosine. signed=True matches on cos
+    (for SAE decoders: codes are >= 0, so a flipped row is a different latent); signed=False on |cos|
+    (for directions whose sign is arbitrary, e.g. cos/sin ground truth)."""
+    C = cosine_matrix(A, B)
+    if not signed:
+        C = C.abs()
+    r, c = hungarian_match(C)
+    return float(C[r, c].mean())
+
+
+def matched_both_fraction(dec_a, dec_b, enc_a, enc_b, threshold: float = 0.7) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Paulo & Belrose 2025: latents matched one to one (Hungarian on signed decoder cosine);
+    a latent is shared when its matched partner has cos > 0.7 on the decoder row AND on the
+    encoder column. dec_*: [d_sae, d_in] rows; enc_*: [d_sae, d_in] (W_enc transposed).
+    Returns (shared fraction of min(n, m) matched pairs, rows, cols)."""
+    Cd = cosine_matrix(dec_a, dec_b)
+    r, c = hungarian_match(Cd)
+    ce = (_unit(enc_a[r]) * _unit(enc_b[c])).sum(1)
+    shared = (Cd[r, c] > threshold) & (ce > threshold)
+    return float(shared.double().mean()), r, c
+
+
+def matched_activation_correlation(acts_a: torch.Tensor, acts_b: torch.Tensor, rows, cols) -> float:
+    """Mean Pearson correlation over matched pairs (i, j) of latent i of A and latent j of B on the
+    same inputs: corr_ij = cov(f_i, g_j) / (std f_i std g_j); pairs where either latent is constant
+    on these inputs are skipped (NaN if none is left)."""
+    fa, fb = acts_a[:, rows].double(), acts_b[:, cols].double()
+    fa = fa - fa.mean(0)
+    fb = fb - fb.mean(0)
+    sa, sb = fa.norm(dim=0), fb.norm(dim=0)
+    ok = (sa > 1e-12) & (sb > 1e-12)
+    if not bool(ok.any()):
+        return float("nan")
+    corr = (fa * fb).sum(0)[ok] / (sa[ok] * sb[ok])
+    return float(corr.mean())
+
+
+def expected_max_abs_cos(n: int, d: int) -> float:
+    """Analytic E[max of n |cos|] between a fixed unit vector and n independent uniform unit vectors
+    on S^{d-1}. u_1^2 ~ Beta(1/2, (d-1)/2), so P(|u_1| <= t) = I_{t^2}(1/2, (d-1)/2) (regularised
+    incomplete beta) and E[max] = int_0^1 (1 - I_{t^2}(1/2, (d-1)/2)^n) dt, integrated numerically."""
+    from scipy import integrate, special
+    if d <= 1:
+        return 1.0
+    f = lambda t: 1.0 - special.betainc(0.5, (d - 1) / 2.0, t * t) ** n
+    pts = [x for x in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7) if x < 1]
+    return float(integrate.quad(f, 0.0, 1.0, limit=400, points=pts)[0])
+
+
+def analytic_mean_max_abs_cos(n_a: int, n_b: int, d: int) -> float:
+    """Expected symmetric mean max |cos| (mean_max_abs_cos) of two independent dictionaries of
+    n_a and n_b rows drawn uniformly on S^{d-1}: (E[max of n_b] + E[max of n_a]) / 2. Exact in
+    expectation: for a fixed row of A the n_b cosines to B are independent. Random dictionaries
+    drawn isotropically inside an r-dimensional subspace use d = r."""
+    return 0.5 * (expected_max_abs_cos(n_b, d) + expected_max_abs_cos(n_a, d))
+
+
+def random_unit_rows(n: int, d: int, generator: torch.Generator, basis: torch.Tensor | None = None) -> torch.Tensor:
+    """n unit vectors uniform on the sphere of R^d, or, with basis [r, d] (orthonormal rows),
+    uniform on the unit sphere of that r-dimensional subspace."""
+    if basis is None:
+        return _unit(torch.randn(n, d, generator=generator, dtype=torch.float64))
+    z = torch.randn(n, basis.shape[0], generator=generator, dtype=torch.float64)
+    return _unit(z @ basis.double())
+
+
+def pca_basis(x: torch.Tensor, var_frac: float = 0.99) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Principal directions of x (centred): (components [d, d] rows by decreasing variance,
+    explained-variance ratios [d], r = smallest number of components holding >= var_frac of the variance)."""
+    X = x.double() - x.double().mean(0)
+    _, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    ratio = S.pow(2) / S.pow(2).sum().clamp_min(1e-30)
+    r = int((ratio.cumsum(0) < var_frac - 1e-12).sum()) + 1
+    return Vh, ratio, min(r, len(ratio))

@@ -1,0 +1,390 @@
+"""Stage 04: evaluate one SAE on held-out activations; writes eval.json (+ a density histogram PNG).
+
+    python 04_evaluate.py --sae runs/modadd/seed42/sae/topk/seed42 \\
+        --acts runs/modadd/seed42/acts/resid_post.safetensors --run runs/modadd/seed42 \\
+        --out results/modadd/seed42/eval/topk_seed42/eval.json
+
+Every number is one function of metrics.py (formula in its docstring):
+  reconstruction  MSE, FVU, explained variance (EV = 1 - sum|x - x_hat|^2 / sum|x - mean x|^2),
+                  cosine similarity, L2 ratio; on the SAE-held-out rows (train_mask False)
+  sparsity        L0, dead fraction (never active on the eval rows), dense fraction (> 10%),
+                  density histogram (log10 firing frequency) as <out stem>_density.png
+  downstream      (--run, modular addition) accuracy, CE and KL to the clean logits with the
+                  SAE's reconstruction spliced in at its site, against the clean model and zero
+                  ablation: loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)
+  fourier         (--run, modular addition) per latent its frequency purity over the p x p grid
+                  (modadd.grid_frequency_purity), the fraction of alive latents with purity >= 0.8,
+                  the key-frequency coverage (fourier.json), and the Fourier-recovery MCC (ground-truth
+                  cos/sin directions matched one to one to decoder rows, mean |cos|); each beside the
+                  same number for random-decoder SAEs of the same shape and for the PCA basis.
+
+--acts may also be a directory with manifest.json (language-model activations, lm.py): held-out
+rows come from lm.load_heldout_rows and downstream numbers from lm.lm_downstream; no Fourier metrics.
+SAEs in SAELens's layout (sae_weights.safetensors + cfg.json) load through sae.SAE.load.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+import metrics as M
+from common import (ArgumentParser, UserError, check, file_sha256, load_json, load_tensors, pick_device,
+                    provenance, run_main, save_json)
+from sae import SAE
+
+CHUNK = 4096
+
+
+def parse_args(argv=None):
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sae", type=Path, required=True, help="SAE directory (cfg.json + sae_weights.safetensors)")
+    ap.add_argument("--acts", type=Path, required=True,
+                    help="activations .safetensors (02), a directory holding activations.safetensors, "
+                         "or an LM activations directory with manifest.json")
+    ap.add_argument("--run", type=Path, default=None,
+                    help="modular-addition model directory (01) for downstream and Fourier metrics "
+                         "(default: the run named in the activations' sidecar, if it exists)")
+    ap.add_argument("--no-model", action="store_true", help="skip downstream and Fourier metrics")
+    ap.add_argument("--out", type=Path, required=True, help="eval.json to write")
+    ap.add_argument("--split-seed", type=int, default=0,
+                    help="seeded 10%% hold-out when the activations have no train_mask (as 03)")
+    ap.add_argument("--max-rows", type=int, default=100_000, help="at most this many held-out rows")
+    ap.add_argument("--max-contexts", type=int, default=256, help="LM: contexts for the downstream metrics")
+    ap.add_argument("--purity-threshold", type=float, default=0.8)
+    ap.add_argument("--n-random", type=int, default=5, help="random-decoder SAEs drawn for the MCC baseline")
+    ap.add_argument("--n-purity-random", type=int, default=1,
+                    help="of those, how many also give the purity / coverage baseline (a DFT of every latent)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random baselines")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    check(args.out.suffix == ".json", f"--out {args.out} must be a .json file")
+    check(args.max_rows > 0, "--max-rows must be > 0")
+    check(0 < args.purity_threshold <= 1, "--purity-threshold must be in (0, 1]")
+    check(args.n_random >= 1, "--n-random must be >= 1")
+    return args
+
+
+# ----------------------------------------------------------------------------
+# Inputs
+
+def resolve_acts(path: Path) -> tuple[str, Path]:
+    """('lm', dir) for a directory with manifest.json, else ('file', the .safetensors)."""
+    if path.is_dir():
+        if (path / "manifest.json").is_file():
+            return "lm", path
+        check((path / "activations.safetensors").is_file(),
+              f"--acts {path} is a directory with neither activations.safetensors nor manifest.json")
+        path = path / "activations.safetensors"
+    check(path.is_file(), f"--acts {path} does not exist")
+    return "file", path
+
+
+def load_acts_file(path: Path, split_seed: int) -> dict:
+    t = load_tensors(path, "--acts")
+    check("activations" in t, f"--acts {path} has no tensor named 'activations' (found: {', '.join(sorted(t)) or 'none'})")
+    x = t["activations"]
+    check(x.dim() == 2 and x.dtype.is_floating_point,
+          f"--acts {path}: 'activations' must be a 2-D float tensor, got {x.dtype} of shape {list(x.shape)}")
+    n = len(x)
+    check(n >= 2, f"--acts {path}: need at least 2 rows")
+    x = x.float()
+    check(bool(torch.isfinite(x).all()), f"--acts {path}: 'activations' holds NaN/inf")
+    if "train_mask" in t:
+        m = t["train_mask"]
+        check(m.shape == (n,), f"--acts {path}: 'train_mask' has shape {list(m.shape)}, expected [{n}]")
+        train = m.bool()
+        split = "train_mask"
+    else:                                       # the same rule as 03_train_sae.py
+        held = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))[: max(1, n // 10)]
+        train = torch.ones(n, dtype=torch.bool)
+        train[held] = False
+        split = f"seeded 10% hold-out (split seed {split_seed})"
+    check(int((~train).sum()) > 0, f"--acts {path}: no held-out rows (train_mask is all True)")
+    side = path.with_suffix(".json")
+    sidecar = load_json(side, "activations sidecar") if side.is_file() else {}
+    out = {"path": path, "x": x, "train": train, "split": split, "sidecar": sidecar if isinstance(sidecar, dict) else {}}
+    for key in ("a", "b", "c"):
+        if key in t:
+            out[key] = t[key].long()
+    return out
+
+
+@torch.no_grad()
+def codes_and_recon(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense codes [N, d_sae] and reconstructions [N, d_in] (inference semantics), chunked."""
+    fs, xh = [], []
+    for i in range(0, len(x), CHUNK):
+        f = sae.encode(x[i:i + CHUNK])
+        fs.append(f)
+        xh.append(sae.decode(f))
+    return torch.cat(fs), torch.cat(xh)
+
+
+# ----------------------------------------------------------------------------
+# Metric groups
+
+def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> dict:
+    return {"mse": M.mse(x, x_hat), "fvu": M.fvu(x, x_hat), "explained_variance": M.explained_variance(x, x_hat),
+            "cosine_similarity": M.cosine_similarity(x, x_hat), "l2_ratio": M.l2_ratio(x, x_hat)}
+
+
+def sparsity_metrics(acts: torch.Tensor) -> dict:
+    freq = M.firing_frequency(acts)
+    alive = freq[freq > 0]
+    return {"l0": M.l0(acts), "dead_fraction": M.dead_fraction(acts), "dense_fraction": M.dense_fraction(acts),
+            "dense_threshold": 0.1, "n_latents": int(acts.shape[1]), "n_dead": int((freq == 0).sum()),
+            "log10_firing_frequency_quantiles": (
+                {q: float(alive.log10().quantile(float(q))) for q in ("0.1", "0.5", "0.9")} if len(alive) else {})}
+
+
+def density_histogram(acts: torch.Tensor, path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    freq = M.firing_frequency(acts)
+    n_rows = len(acts)
+    alive = freq[freq > 0].log10().numpy()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    lo = math.log10(1.0 / n_rows)
+    ax.hist(alive, bins=40, range=(lo - 0.05, 0.0), color="tab:blue")
+    ax.axvline(math.log10(0.1), color="tab:red", ls="--", lw=1, label="dense (> 10%)")
+    ax.set_xlabel("log10 firing frequency (held-out rows)")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{title}\n{int((freq == 0).sum())} dead of {len(freq)} (not shown)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+@torch.no_grad()
+def modadd_downstream(model, site: str, layer: int, recon_fn, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Clean vs spliced (recon_fn(x) at (site, layer), `=` position) vs zero-ablated logits."""
+    def run(fn):
+        outs = []
+        for i in range(0, len(tokens), CHUNK):
+            def hook(s, l, x):
+                if s == site and l == layer and fn is not None:
+                    return fn(x)
+            outs.append(model(tokens[i:i + CHUNK], hook=hook).double())
+        return torch.cat(outs)
+    clean = run(None)
+    spliced = run(recon_fn)
+    zero = run(lambda x: torch.zeros_like(x))
+    ce = {n: M.cross_entropy(lg, labels) for n, lg in (("clean", clean), ("sae", spliced), ("zero", zero))}
+    kl_sae, kl_zero = M.kl_divergence(clean, spliced), M.kl_divergence(clean, zero)
+    return {"rows": len(tokens),
+            "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
+            "loss_recovered": M.loss_recovered(ce["clean"], ce["sae"], ce["zero"]),
+            "acc_clean": M.accuracy(clean, labels), "acc_sae": M.accuracy(spliced, labels),
+            "acc_zero": M.accuracy(zero, labels),
+            "kl_sae": kl_sae, "kl_zero": kl_zero,
+            "kl_recovered": (kl_zero - kl_sae) / kl_zero if kl_zero > 1e-12 else float("nan")}
+
+
+def random_decoder_sae(sae: SAE, x: torch.Tensor, k: int, g: torch.Generator) -> SAE:
+    """The chance baseline: a TopK SAE of the same shape with k ~ the evaluated SAE's L0, random
+    unit decoder rows (isotropic), W_enc = W_dec^T, b_dec = the data mean, b_enc = 0."""
+    r = SAE(sae.d_in, sae.d_sae, "topk", k=max(1, min(sae.d_sae, k)))
+    with torch.no_grad():
+        W = M.random_unit_rows(sae.d_sae, sae.d_in, g).float()
+        r.W_dec.copy_(W)
+        r.W_enc.copy_(W.T)
+        r.b_dec.copy_(x.mean(0))
+    return r.eval()
+
+
+@torch.no_grad()
+def fourier_metrics(sae: SAE, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: int, keys: list,
+                    l0: float, threshold: float, n_random: int, seed: int, n_purity_random: int = 1) -> dict:
+    """Purity, key coverage and Fourier-recovery MCC for the SAE, random-decoder SAEs and the PCA basis,
+    all over the full p x p grid of inputs."""
+    def scores(codes, W_dec, names=None):
+        pur, kk, alive = M.latent_frequency_purity(codes, a, b, p)
+        s = M.purity_summary(pur, kk, alive, keys, threshold)
+        s["mcc"] = M.hungarian_mcc(gt, W_dec, signed=False) if len(keys) else float("nan")
+        return s, pur, kk, alive
+
+    gt, gt_names = M.fourier_directions(x, a, b, p, keys) if keys else (torch.zeros(0, x.shape[1]), [])
+    codes, _ = codes_and_recon(sae, x)
+    mine, pur, kk, alive = scores(codes, sae.W_dec.detach())
+    # Which ground-truth direction each matched decoder row took, for the reader.
+    if len(keys):
+        C = M.cosine_matrix(gt, sae.W_dec.detach()).abs()
+        r, c = M.hungarian_match(C)
+        mine["matched"] = [{"direction": gt_names[i], "latent": int(j), "abs_cos": round(float(C[i, j]), 4)}
+                           for i, j in zip(r.tolist(), c.tolist())]
+
+    g = torch.Generator().manual_seed(seed)
+    rand = []
+    for i in range(n_random):
+        rs = random_decoder_sae(sae, x, int(round(l0)), g)
+        if i < n_purity_random:           # purity needs a DFT of every latent: fewer draws
+            rc, _ = codes_and_recon(rs, x)
+            rand.append(scores(rc, rs.W_dec)[0])
+        else:
+            rand.append({"mcc": M.hungarian_mcc(gt, rs.W_dec, signed=False) if len(keys) else float("nan")})
+    def avg(key):
+        v = [s[key] for s in rand if key in s]
+        return {"mean": float(sum(v) / len(v)), "max": float(max(v)), "n": len(v)}
+    random_baseline = {"fraction_pure": avg("fraction_pure"), "key_coverage": avg("key_coverage"),
+                       "mean_purity": avg("mean_purity"), "mcc": avg("mcc"),
+                       "what": "TopK SAEs of the same shape, k = round(L0) of the evaluated SAE, random unit "
+                               "decoder rows (isotropic), W_enc = W_dec^T, b_dec = data mean"}
+
+    comps, ratio, r99 = M.pca_basis(x)
+    X = x.double() - x.double().mean(0)
+    pc_scores = X @ comps[:r99].T                                 # [p^2, r99]
+    pca, _, _, _ = scores(pc_scores, comps)
+    pca_baseline = {"fraction_pure": pca["fraction_pure"], "key_coverage": pca["key_coverage"], "mcc": pca["mcc"],
+                    "mean_purity": pca["mean_purity"],
+                    "n_components_99": r99,
+                    "what": "purity/coverage: scores on the top-r principal components (99% of variance); "
+                            "MCC: all d_in principal directions as the decoder"}
+
+    return {"p": p, "key_frequencies": list(keys), "purity_threshold": threshold,
+            "fraction_pure": mine["fraction_pure"], "key_coverage": mine["key_coverage"], "mcc": mine["mcc"],
+            "mean_purity": mine["mean_purity"], "purity_quantiles": mine["purity_quantiles"],
+            "n_alive_on_grid": mine["n_alive"], "n_pure": mine["n_pure"], "keys_covered": mine["keys_covered"],
+            "pure_latents_per_frequency": mine["pure_latents_per_frequency"],
+            "mcc_definition": "ground-truth directions (least squares, cos/sin of k a, k b, k(a+b) per key k) "
+                              "matched one to one (Hungarian) to decoder rows on |cos|; mean matched |cos|",
+            "n_ground_truth_directions": len(gt), "matched": mine.get("matched", []),
+            "random_baseline": random_baseline, "pca_baseline": pca_baseline,
+            "per_latent": {"purity": [round(float(v), 4) for v in pur], "k": [int(v) for v in kk],
+                           "alive": [bool(v) for v in alive]}}
+
+
+# ----------------------------------------------------------------------------
+
+def find_run(args, sidecar: dict) -> Path | None:
+    if args.no_model:
+        return None
+    if args.run is not None:
+        check(args.run.is_dir(), f"--run {args.run} is not a directory")
+        return args.run
+    r = sidecar.get("run")
+    if r and Path(r).is_dir() and (Path(r) / "model.safetensors").is_file():
+        return Path(r)
+    return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    check(args.sae.is_dir(), f"--sae {args.sae} is not a directory")
+    sae = SAE.load(args.sae, device="cpu")
+    kind, acts_path = resolve_acts(args.acts)
+    meta = sae.metadata
+    sae_info = {"path": str(args.sae), "arch": sae.arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
+                "seed": meta.get("seed"), "hook_name": meta.get("hook_name"), "model_name": meta.get("model_name")}
+    result = {"sae": sae_info, "acts": str(acts_path), "inputs": {"sae": str(args.sae), "acts": str(acts_path)}}
+    figures = {}
+    title = f"{args.sae.name if args.sae.name else args.sae} ({sae.arch}, d_sae={sae.d_sae})"
+
+    if kind == "lm":
+        import lm                                            # lazily: only LM targets need it
+        x_held = lm.load_heldout_rows(acts_path, args.max_rows)
+        check(x_held.dim() == 2 and x_held.shape[1] == sae.d_in,
+              f"--acts {acts_path}: activations have width {x_held.shape[-1]}, but the SAE's d_in is {sae.d_in}")
+        x_held = x_held.float()
+        codes, x_hat = codes_and_recon(sae, x_held)
+        result.update(target="lm", split="lm.load_heldout_rows", rows={"heldout": len(x_held)},
+                      reconstruction=reconstruction_metrics(x_held, x_hat), sparsity=sparsity_metrics(codes))
+        down = dict(lm.lm_downstream(sae.to(device), acts_path, device, args.max_contexts))
+        if "loss_recovered" not in down and all(k in down for k in ("ce_clean", "ce_sae", "ce_zero")):
+            down["loss_recovered"] = M.loss_recovered(down["ce_clean"], down["ce_sae"], down["ce_zero"])
+        result["downstream"] = down
+        result["fourier"] = None
+        sae.cpu()
+    else:
+        data = load_acts_file(acts_path, args.split_seed)
+        x, train = data["x"], data["train"]
+        check(x.shape[1] == sae.d_in,
+              f"--acts {acts_path}: activations have width {x.shape[1]}, but the SAE {args.sae} has d_in {sae.d_in}")
+        x_held = x[~train][: args.max_rows]
+        codes, x_hat = codes_and_recon(sae, x_held)
+        side = data["sidecar"]
+        codes_all = codes_and_recon(sae, x)[0] if len(x) <= 200_000 else None
+        result.update(target=side.get("source", "generic"), split=data["split"],
+                      rows={"heldout": len(x_held), "total": len(x)},
+                      reconstruction=reconstruction_metrics(x_held, x_hat), sparsity=sparsity_metrics(codes))
+        if codes_all is not None:           # context for the held-out figure: rare latents miss a small hold-out
+            result["sparsity"]["dead_fraction_all_rows"] = M.dead_fraction(codes_all)
+            result["sparsity"]["all_rows"] = len(x)
+        del codes_all
+        result["inputs"]["acts_sha256"] = file_sha256(acts_path)
+        run = find_run(args, side)
+        if run is None:
+            result["downstream"] = result["fourier"] = None
+            result["notes"] = ["no model run (--run) given or found: downstream and Fourier metrics skipped"]
+        else:
+            import modadd
+            fj = run / "fourier.json"
+            check(fj.is_file(), f"--run {run} has no fourier.json (01_train_transformer.py writes it); "
+                                f"the Fourier metrics need its key_frequencies")
+            fourier = load_json(fj, "fourier.json")
+            check(isinstance(fourier, dict) and isinstance(fourier.get("key_frequencies"), list),
+                  f"{fj} has no key_frequencies list")
+            model, run_cfg = modadd.load_run(run)
+            p = model.cfg.p
+            site, layer = side.get("site"), side.get("layer")
+            check(site in modadd.SITES and isinstance(layer, int),
+                  f"--acts {acts_path}: its sidecar {acts_path.with_suffix('.json').name} does not name the "
+                  f"site and layer (02_extract_activations.py writes them)")
+            width = modadd.site_width(model.cfg, site)
+            check(width == sae.d_in, f"--run {run}: site {site} has width {width}, but the SAE's d_in is {sae.d_in}")
+            check(width == x.shape[1], f"--acts {acts_path} has width {x.shape[1]}, but {site} of --run {run} has {width}")
+            for key in ("a", "b"):
+                check(key in data, f"--acts {acts_path} has no '{key}' tensor (02 writes a, b, c for modular addition)")
+            check(len(x) == p * p, f"--acts {acts_path} has {len(x)} rows, but p = {p} needs p^2 = {p * p}")
+            a, b = data["a"], data["b"]
+            tokens, labels = modadd.all_pairs(p)
+            order = a * p + b                                         # row n of acts is pair order[n]
+            toks, labs = tokens[order], labels[order]
+
+            def recon(z):
+                return sae.decode(sae.encode(z)).to(z.dtype)
+            held = ~train
+            result["downstream"] = {
+                "heldout": modadd_downstream(model, site, layer, recon, toks[held], labs[held]),
+                "all": modadd_downstream(model, site, layer, recon, toks, labs),
+                "site": site, "layer": layer,
+                "zero_ablation": "the site's activation at `=` replaced by zeros"}
+            try:
+                keys = [int(k) for k in fourier["key_frequencies"]]
+            except (TypeError, ValueError):
+                raise UserError(f"{fj}: key_frequencies must be a list of integers")
+            result["fourier"] = fourier_metrics(sae, x, a, b, p, keys, result["sparsity"]["l0"],
+                                                args.purity_threshold, args.n_random, args.seed,
+                                                min(args.n_purity_random, args.n_random))
+            result["run"] = str(run)
+            result["inputs"].update(run=str(run), fourier_json=str(fj))
+    figures["density"] = str(density_histogram(codes, args.out.with_name(args.out.stem + "_density.png"), title))
+    result["figures"] = figures
+    result.update(provenance(args, seed=sae_info["seed"], baseline_seed=args.seed))
+    save_json(result, args.out)
+    if not args.quiet:
+        r, s = result["reconstruction"], result["sparsity"]
+        line = f"{args.out}: EV {r['explained_variance']:.4f}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.1%}"
+        d = result.get("downstream")
+        if d:
+            lr = d["heldout"]["loss_recovered"] if "heldout" in d else d.get("loss_recovered")
+            line += f", loss recovered {lr:.4f}"
+        f = result.get("fourier")
+        if f:
+            line += (f", pure {f['fraction_pure']:.2f} (rand {f['random_baseline']['fraction_pure']['mean']:.2f}), "
+                     f"coverage {f['key_coverage']:.2f}, MCC {f['mcc']:.3f} (rand {f['random_baseline']['mcc']['mean']:.3f}, "
+                     f"PCA {f['pca_baseline']['mcc']:.3f})")
+        print(line)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,268 @@
+"""Stage 05: how much do SAEs trained on the same activations (different seeds or architectures) agree?
+
+    python 05_overlap.py --saes runs/modadd/seed42/sae/topk/seed42 runs/modadd/seed42/sae/topk/seed123 ... \\
+        --out results/modadd/seed42/overlap/topk
+
+Per pair of SAEs (metrics.py, formulas in the docstrings):
+  mean_max_abs_cos   symmetric mean over decoder rows of the max |cos| to the other dictionary
+  pw_mcc             Hungarian-matched mean cosine (PW-MCC, Song et al. 2025), matched on the SIGNED
+                     cosine (codes are >= 0, so a flipped decoder row is a different latent);
+                     pw_mcc_abs matches on |cos| as well, for comparison
+  shared_fraction    matched latents with cos > 0.7 on both decoder row and encoder column (Paulo & Belrose 2025)
+  act_corr           mean Pearson correlation of matched latents' activations on the same inputs
+Each with mean and spread (std, min, max) over pairs, beside random baselines that are computed, not assumed:
+  isotropic  random unit dictionaries of the same shapes in R^d_in (mean-max: analytic, exact Beta
+             distribution of u_1^2; Hungarian and the rest: Monte Carlo over --n-random draws)
+  subspace   the same, drawn isotropically inside the data's effective subspace: the top-r principal
+             directions holding --var-frac (99%) of the activations' variance (chance overlap climbs
+             steeply as r shrinks). The headline is the overlap in excess of this baseline.
+pw_mcc_projected: PW-MCC of the decoder rows projected onto that subspace (a row's part outside it
+never meets the data and can keep its random init), beside the same subspace baseline.
+Writes --out/overlap.json and --out/overlap_heatmaps.png.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+from pathlib import Path
+
+import torch
+
+import metrics as M
+from common import ArgumentParser, UserError, check, load_json, load_tensors, provenance, run_main, save_json
+from sae import SAE
+
+CHUNK = 4096
+
+
+def parse_args(argv=None):
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--saes", type=Path, nargs="+", required=True, help="two or more SAE directories")
+    ap.add_argument("--out", type=Path, required=True, help="output directory (overlap.json, heatmaps)")
+    ap.add_argument("--acts", type=Path, default=None,
+                    help="the activations the SAEs were trained on (default: from the SAEs' summary.json)")
+    ap.add_argument("--max-rows", type=int, default=20000, help="rows used for activation correlation and PCA")
+    ap.add_argument("--var-frac", type=float, default=0.99, help="variance held by the effective subspace")
+    ap.add_argument("--threshold", type=float, default=0.7, help="cosine threshold of shared_fraction")
+    ap.add_argument("--n-random", type=int, default=5, help="random dictionary pairs per Monte Carlo baseline")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random baselines")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    check(len(args.saes) >= 2, f"--saes needs at least 2 SAE directories to compare (got {len(args.saes)})")
+    check(len(set(map(str, args.saes))) == len(args.saes), "--saes lists the same directory twice")
+    check(0 < args.var_frac <= 1, "--var-frac must be in (0, 1]")
+    check(args.n_random >= 1, "--n-random must be >= 1")
+    return args
+
+
+def acts_from_summary(sae_dir: Path) -> str | None:
+    s = sae_dir / "summary.json"
+    if s.is_file():
+        cfg = load_json(s, "SAE summary").get("config", {})
+        return cfg.get("acts")
+    return None
+
+
+def load_rows(path: Path, d_in: int, max_rows: int) -> torch.Tensor:
+    if path.is_dir():
+        if (path / "manifest.json").is_file():
+            import lm                                                 # LM activations (lm.py)
+            x = lm.load_heldout_rows(path, max_rows)
+            check(x.dim() == 2 and x.shape[1] == d_in, f"--acts {path}: width {x.shape[-1]} != the SAEs' d_in {d_in}")
+            return x.float()
+        path = path / "activations.safetensors"
+    check(path.is_file(), f"--acts {path} does not exist")
+    t = load_tensors(path, "--acts")
+    check("activations" in t and t["activations"].dim() == 2,
+          f"--acts {path} has no 2-D tensor named 'activations'")
+    x = t["activations"].float()
+    check(x.shape[1] == d_in, f"--acts {path} has width {x.shape[1]}, but the SAEs have d_in {d_in}")
+    if len(x) > max_rows:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:max_rows]]
+    return x
+
+
+@torch.no_grad()
+def encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sae.encode(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)])
+
+
+def pair_metrics(A: dict, B: dict, threshold: float, basis: torch.Tensor | None = None) -> dict:
+    dec_a, dec_b = A["dec"], B["dec"]
+    shared, r, c = M.matched_both_fraction(dec_a, dec_b, A["enc"], B["enc"], threshold)
+    C = M.cosine_matrix(dec_a, dec_b)
+    out = {"mean_max_abs_cos": M.mean_max_abs_cos(dec_a, dec_b),
+           "pw_mcc": float(C[r, c].mean()),                       # Hungarian on signed cosine
+           "pw_mcc_abs": M.hungarian_mcc(dec_a, dec_b, signed=False),
+           "shared_fraction": shared}
+    if basis is not None:
+        # Decoder rows projected onto the effective subspace (components outside it never meet the
+        # data and may keep their random init); compare with the subspace baseline.
+        pa, pb = dec_a @ basis.T, dec_b @ basis.T
+        out["pw_mcc_projected"] = M.hungarian_mcc(pa, pb, signed=True)
+        out["mean_max_abs_cos_projected"] = M.mean_max_abs_cos(pa, pb)
+        out["decoder_norm_in_subspace"] = float(0.5 * (pa.norm(dim=1).mean() + pb.norm(dim=1).mean()))
+    if A.get("codes") is not None:
+        out["act_corr"] = M.matched_activation_correlation(A["codes"], B["codes"], r, c)
+        perm = torch.randperm(len(c), generator=torch.Generator().manual_seed(1))
+        out["act_corr_random_pairs"] = M.matched_activation_correlation(A["codes"], B["codes"], r, c[perm])
+    return out
+
+
+def random_baseline(n_a: int, n_b: int, d: int, n_random: int, g: torch.Generator, threshold: float,
+                    basis: torch.Tensor | None = None) -> dict:
+    """Overlap of independent random dictionaries (tied: encoder = decoder), averaged over draws."""
+    draws = []
+    for _ in range(n_random):
+        A = M.random_unit_rows(n_a, d, g, basis)
+        B = M.random_unit_rows(n_b, d, g, basis)
+        shared, r, c = M.matched_both_fraction(A, B, A, B, threshold)
+        C = M.cosine_matrix(A, B)
+        draws.append({"mean_max_abs_cos": M.mean_max_abs_cos(A, B), "pw_mcc": float(C[r, c].mean()),
+                      "pw_mcc_abs": M.hungarian_mcc(A, B, signed=False), "shared_fraction": shared})
+    dim = d if basis is None else basis.shape[0]
+    out = {k: float(sum(x[k] for x in draws) / len(draws)) for k in draws[0]}
+    out["mean_max_abs_cos_mc"] = out.pop("mean_max_abs_cos")
+    out["mean_max_abs_cos"] = M.analytic_mean_max_abs_cos(n_a, n_b, dim)
+    out["dimension"] = dim
+    out["n_draws"] = n_random
+    return out
+
+
+def spread(vals: list[float]) -> dict:
+    vals = [v for v in vals if v == v]
+    if not vals:
+        return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
+            "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def heatmaps(names: list[str], mats: dict, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(names)
+    fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats), 3.8))
+    axes = [axes] if len(mats) == 1 else axes
+    for ax, (title, (m, base)) in zip(axes, mats.items()):
+        im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{m[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if m[i][j] < 0.6 else "black")
+        ax.set_xticks(range(n), names, rotation=60, fontsize=7)
+        ax.set_yticks(range(n), names, fontsize=7)
+        ax.set_title(f"{title}\n(subspace chance {base:.3f})", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for d in args.saes:
+        check(d.is_dir(), f"--saes: {d} is not a directory")
+    saes = [SAE.load(d) for d in args.saes]
+    d_ins = {s.d_in for s in saes}
+    if len(d_ins) > 1:
+        raise UserError("--saes have different d_in (" + ", ".join(f"{d}: {s.d_in}" for d, s in zip(args.saes, saes))
+                        + "); overlap needs SAEs of the same activations")
+    d_in = d_ins.pop()
+
+    acts = args.acts
+    if acts is None:
+        found = {a for a in (acts_from_summary(d) for d in args.saes) if a}
+        check(len(found) == 1, "pass --acts: the SAEs' summary.json files " +
+              ("name no activations file" if not found else f"name different activations ({', '.join(sorted(found))})"))
+        acts = Path(found.pop())
+    x = load_rows(acts, d_in, args.max_rows)
+
+    names, infos = [], []
+    for d, s in zip(args.saes, saes):
+        seed = s.metadata.get("seed")
+        names.append(f"{s.arch}/s{seed}" if seed is not None else d.name)
+        infos.append({"path": str(d), "arch": s.arch, "d_in": s.d_in, "d_sae": s.d_sae, "k": s.k, "seed": seed})
+        if len(set(names)) < len(names):
+            names[-1] = f"{names[-1]}#{len(names)}"
+    dicts = [{"dec": s.W_dec.detach().double(), "enc": s.W_enc.detach().T.double(), "codes": encode(s, x)} for s in saes]
+
+    comps, ratio, r = M.pca_basis(x, args.var_frac)
+    basis = comps[:r]
+    g = torch.Generator().manual_seed(args.seed)
+    base_cache = {}
+
+    def baselines(n_a, n_b):
+        key = (min(n_a, n_b), max(n_a, n_b))
+        if key not in base_cache:
+            base_cache[key] = {
+                "isotropic": random_baseline(key[0], key[1], d_in, args.n_random, g, args.threshold),
+                "subspace": random_baseline(key[0], key[1], d_in, args.n_random, g, args.threshold, basis)}
+        return base_cache[key]
+
+    n = len(saes)
+    pairs = []
+    metric_keys = ("mean_max_abs_cos", "pw_mcc", "pw_mcc_abs", "shared_fraction")
+    for i, j in itertools.combinations(range(n), 2):
+        m = pair_metrics(dicts[i], dicts[j], args.threshold, basis)
+        base = baselines(saes[i].d_sae, saes[j].d_sae)
+        m["excess_over_subspace"] = {k: m[k] - base["subspace"][k] for k in metric_keys}
+        pairs.append({"a": names[i], "b": names[j], "a_path": str(args.saes[i]), "b_path": str(args.saes[j]),
+                      **m, "baselines": base})
+        if not args.quiet:
+            print(f"{names[i]} vs {names[j]}: mean-max {m['mean_max_abs_cos']:.3f}, PW-MCC {m['pw_mcc']:.3f}, "
+                  f"shared {m['shared_fraction']:.3f}, act corr {m.get('act_corr', float('nan')):.3f}")
+
+    summary = {k: spread([p.get(k, float("nan")) for p in pairs])
+               for k in metric_keys + ("act_corr", "act_corr_random_pairs", "pw_mcc_projected",
+                                       "mean_max_abs_cos_projected", "decoder_norm_in_subspace")}
+    base_iso = {k: spread([p["baselines"]["isotropic"][k] for p in pairs]) for k in metric_keys}
+    base_sub = {k: spread([p["baselines"]["subspace"][k] for p in pairs]) for k in metric_keys}
+    excess = {k: spread([p["excess_over_subspace"][k] for p in pairs]) for k in metric_keys}
+
+    mats = {}
+    for title, key in (("mean max |cos|", "mean_max_abs_cos"), ("PW-MCC (signed)", "pw_mcc"),
+                       ("shared (cos > %.1f enc & dec)" % args.threshold, "shared_fraction")):
+        mat = [[1.0] * n for _ in range(n)]
+        for (i, j), p in zip(itertools.combinations(range(n), 2), pairs):
+            mat[i][j] = mat[j][i] = p[key]
+        mats[title] = (mat, base_sub[key]["mean"])
+    fig = heatmaps(names, mats, args.out / "overlap_heatmaps.png")
+
+    result = {"saes": infos, "acts": str(acts), "inputs": {"saes": [str(d) for d in args.saes], "acts": str(acts)},
+              "n_rows": len(x), "d_in": d_in,
+              "effective_subspace": {"var_frac": args.var_frac, "r": r,
+                                     "variance_captured": float(ratio[:r].sum())},
+              "headline": {"pw_mcc_excess_over_subspace": excess["pw_mcc"],
+                           "mean_max_abs_cos_excess_over_subspace": excess["mean_max_abs_cos"]},
+              "summary": summary, "baseline_isotropic": base_iso, "baseline_subspace": base_sub,
+              "excess_over_subspace": excess, "pairs": pairs,
+              "definitions": {
+                  "pw_mcc": "Hungarian matching on signed decoder cosine; mean matched cosine",
+                  "pw_mcc_abs": "Hungarian matching on |cos|; mean matched |cos|",
+                  "pw_mcc_projected": "pw_mcc of the decoder rows projected onto the effective subspace "
+                                      "(compare with the subspace baseline); decoder_norm_in_subspace: mean "
+                                      "norm of those projections (1 = rows lie inside it)",
+                  "shared_fraction": f"pairs matched by pw_mcc's assignment with decoder cos > {args.threshold} "
+                                     f"and encoder cos > {args.threshold}",
+                  "act_corr": "mean Pearson correlation of matched latents' codes on the same rows "
+                              "(act_corr_random_pairs: the same latents paired at random)",
+                  "mean_max_abs_cos baseline": "analytic (exact Beta distribution of u_1^2, numerical integral)"},
+              "figures": {"heatmaps": str(fig)},
+              **provenance(argparse.Namespace(**{**vars(args), "saes": [str(d) for d in args.saes]}),
+                           seed=args.seed, sae_seeds=[i["seed"] for i in infos])}
+    save_json(result, args.out / "overlap.json")
+    if not args.quiet:
+        print(f"{args.out / 'overlap.json'}: PW-MCC {summary['pw_mcc']['mean']:.3f} +- {summary['pw_mcc']['std']:.3f} "
+              f"(subspace r={r} chance {base_sub['pw_mcc']['mean']:.3f}, isotropic {base_iso['pw_mcc']['mean']:.3f}); "
+              f"mean-max {summary['mean_max_abs_cos']['mean']:.3f} (chance {base_sub['mean_max_abs_cos']['mean']:.3f} / "
+              f"{base_iso['mean_max_abs_cos']['mean']:.3f})")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,213 @@
+"""04_evaluate.py end to end on tiny inputs: known answers, baselines, bad input, the LM branch."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metrics as M
+import modadd
+from common import UserError, save_json, save_tensors
+from conftest import write_acts
+from sae import SAE
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name.replace(".py", "").replace("0", "s0", 1), ROOT / name)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+EVAL = load_script("04_evaluate.py")
+EXTRACT = load_script("02_extract_activations.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny modular-addition model (p = 17), trained briefly on all pairs so that its clean loss
+    is well below zero-ablation's; fourier.json names keys [3, 5]; activations via 02."""
+    torch.manual_seed(0)
+    p = 17
+    cfg = modadd.ModelConfig(p=p, d_model=24, n_heads=2, d_head=12, d_mlp=48)
+    model = modadd.Transformer(cfg)
+    tokens, labels = modadd.all_pairs(p)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(150):
+        loss = F.cross_entropy(model(tokens), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    run = tmp_path_factory.mktemp("run")
+    save_tensors(model.state_dict(), run / "model.safetensors")
+    save_json({"model": modadd.config_dict(cfg), "data": {"p": p, "train_frac": 0.3, "split_seed": 0}},
+              run / "config.json")
+    save_json({"p": p, "key_frequencies": [3, 5]}, run / "fourier.json")
+    acts = run / "acts" / "resid_post.safetensors"
+    EXTRACT.main(["--run", str(run), "--out", str(acts)])
+    return {"run": run, "acts": acts, "p": p, "d": cfg.d_model, "model": model.eval()}
+
+
+def identity_sae(d: int) -> SAE:
+    """x_hat = relu(x) - relu(-x) = x exactly: decoder rows +e_i and -e_i."""
+    s = SAE(d, 2 * d, "relu")
+    I = torch.eye(d)
+    with torch.no_grad():
+        s.W_dec.copy_(torch.cat([I, -I]))
+        s.W_enc.copy_(torch.cat([I, -I]).T)
+        s.b_enc.zero_()
+        s.b_dec.zero_()
+    return s
+
+
+def evaluate(tmp_path, sae: SAE, acts, *extra) -> dict:
+    sdir = tmp_path / "sae"
+    sae.save(sdir, metadata={"seed": 7})
+    out = tmp_path / "eval" / "eval.json"
+    EVAL.main(["--sae", str(sdir), "--acts", str(acts), "--out", str(out), "--quiet", *extra])
+    return json.loads(out.read_text())
+
+
+def test_true_dictionary_scores_ev_one(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    d, n_feat = 32, 24
+    feats = torch.linalg.qr(torch.randn(d, d, generator=g))[0][:n_feat]          # orthonormal rows
+    codes = torch.rand(3000, n_feat, generator=g) * (torch.rand(3000, n_feat, generator=g) < 0.1)
+    x = codes @ feats
+    acts = write_acts(tmp_path / "acts.safetensors", x)
+    s = SAE(d, n_feat, "jumprelu")            # threshold 1e-4 removes the fp noise of x @ feats^T
+    with torch.no_grad():
+        s.threshold.fill_(1e-4)
+        s.W_dec.copy_(feats)
+        s.W_enc.copy_(feats.T)
+        s.b_enc.zero_()
+        s.b_dec.zero_()
+    r = evaluate(tmp_path, s, acts)
+    rec = r["reconstruction"]
+    assert rec["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert rec["fvu"] == pytest.approx(0.0, abs=1e-6)
+    assert rec["cosine_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert rec["l2_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert r["sparsity"]["l0"] == pytest.approx(float((codes[2700:] > 0).sum(1).double().mean()), abs=1e-9)
+    assert r["rows"]["heldout"] == 300 and r["downstream"] is None and r["fourier"] is None
+    assert r["sae"]["seed"] == 7 and "code_version" in r and r["config"]["sae"] == str(tmp_path / "sae")
+    assert Path(r["figures"]["density"]).is_file()
+
+
+def test_identity_splice_recovers_all_loss_and_fourier_baselines(tiny_run, tmp_path):
+    r = evaluate(tmp_path, identity_sae(tiny_run["d"]), tiny_run["acts"], "--run", str(tiny_run["run"]),
+                 "--n-random", "2")
+    for split in ("heldout", "all"):
+        d = r["downstream"][split]
+        assert d["ce_zero"] - d["ce_clean"] > 0.5          # the site matters
+        assert d["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
+        assert d["kl_sae"] == pytest.approx(0.0, abs=1e-6)
+        assert d["kl_recovered"] == pytest.approx(1.0, abs=1e-5)
+        assert d["acc_sae"] == d["acc_clean"]
+    assert r["downstream"]["all"]["rows"] == tiny_run["p"] ** 2
+    assert r["reconstruction"]["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    f = r["fourier"]
+    assert f["key_frequencies"] == [3, 5] and f["n_ground_truth_directions"] == 12
+    for key in ("fraction_pure", "key_coverage", "mcc"):
+        assert key in f["random_baseline"] and key in f["pca_baseline"]
+    assert len(f["per_latent"]["purity"]) == 2 * tiny_run["d"]
+    assert r["inputs"]["fourier_json"].endswith("fourier.json")
+
+
+def test_zero_sae_recovers_no_loss(tiny_run, tmp_path):
+    s = identity_sae(tiny_run["d"])
+    with torch.no_grad():
+        s.W_dec.zero_()                                     # reconstruction = b_dec = 0 = zero ablation
+    r = evaluate(tmp_path, s, tiny_run["acts"], "--run", str(tiny_run["run"]), "--n-random", "1")
+    assert r["downstream"]["heldout"]["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_random_decoder_sae_scores_near_random_baseline_and_planted_directions_score_one(tiny_run, tmp_path):
+    t = load_tensors_(tiny_run["acts"])
+    x, a, b = t["activations"], t["a"], t["b"]
+    d, p = tiny_run["d"], tiny_run["p"]
+    # A random-decoder SAE, built exactly as the baseline is (different seed).
+    l0 = 4
+    rs = EVAL.random_decoder_sae(SAE(d, 96, "topk", k=l0), x, l0, torch.Generator().manual_seed(123))
+    r = evaluate(tmp_path / "rand", rs, tiny_run["acts"], "--run", str(tiny_run["run"]), "--n-random", "5")
+    f = r["fourier"]
+    assert r["sparsity"]["l0"] == pytest.approx(l0)
+    assert abs(f["mcc"] - f["random_baseline"]["mcc"]["mean"]) < 0.08
+    assert abs(f["fraction_pure"] - f["random_baseline"]["fraction_pure"]["mean"]) < 0.15
+    # Planting the ground-truth directions in the decoder gives MCC 1.
+    gt, _ = M.fourier_directions(x, a, b, p, [3, 5])
+    with torch.no_grad():
+        rs.W_dec[: len(gt)] = gt.float()
+    r2 = evaluate(tmp_path / "planted", rs, tiny_run["acts"], "--run", str(tiny_run["run"]), "--n-random", "1")
+    assert r2["fourier"]["mcc"] == pytest.approx(1.0, abs=1e-5)
+    assert r2["fourier"]["mcc"] > r2["fourier"]["random_baseline"]["mcc"]["mean"] + 0.2
+
+
+def load_tensors_(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def run_cli(*args):
+    return subprocess.run([PY, str(ROOT / "04_evaluate.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_bad_input_is_one_line(tiny_run, tmp_path):
+    d = tiny_run["d"]
+    sdir = identity_sae(d + 1).save(tmp_path / "wide")
+    res = run_cli("--sae", sdir, "--acts", tiny_run["acts"], "--out", tmp_path / "e.json")
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "width" in lines[0], res.stderr
+    # A run directory without fourier.json.
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (run2 / name).write_bytes((tiny_run["run"] / name).read_bytes())
+    sdir = identity_sae(d).save(tmp_path / "ok")
+    with pytest.raises(UserError, match="fourier.json"):
+        EVAL.main(["--sae", str(sdir), "--acts", str(tiny_run["acts"]), "--run", str(run2),
+                   "--out", str(tmp_path / "e2.json"), "--quiet"])
+    assert not (tmp_path / "e2.json").exists()
+
+
+def test_lm_branch_uses_lm_module(tmp_path, monkeypatch):
+    """An --acts directory with manifest.json goes through lm.load_heldout_rows / lm.lm_downstream."""
+    d = 8
+    acts_dir = tmp_path / "lm_acts"
+    acts_dir.mkdir()
+    (acts_dir / "manifest.json").write_text("{}")
+    x = torch.randn(50, d, generator=torch.Generator().manual_seed(0))
+    calls = {}
+    fake = types.ModuleType("lm")
+
+    def load_heldout_rows(path, max_rows):
+        calls["rows"] = (Path(path), max_rows)
+        return x
+
+    def lm_downstream(sae, path, device, max_contexts):
+        calls["down"] = max_contexts
+        return {"ce_clean": 2.0, "ce_sae": 2.5, "ce_zero": 7.0,
+                "loss_recovered": M.loss_recovered(2.0, 2.5, 7.0), "kl_sae": 0.4, "kl_zero": 5.0}
+    fake.load_heldout_rows, fake.lm_downstream = load_heldout_rows, lm_downstream
+    monkeypatch.setitem(sys.modules, "lm", fake)
+    r = evaluate(tmp_path, identity_sae(d), acts_dir, "--max-rows", "50", "--max-contexts", "3")
+    assert calls["rows"] == (acts_dir, 50) and calls["down"] == 3
+    assert r["target"] == "lm" and r["fourier"] is None
+    assert r["reconstruction"]["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert r["downstream"]["loss_recovered"] == pytest.approx(0.9)
+    # Width mismatch in the LM branch is one UserError too.
+    with pytest.raises(UserError, match="width"):
+        evaluate(tmp_path / "w", identity_sae(d + 2), acts_dir)

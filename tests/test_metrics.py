@@ -1,0 +1,167 @@
+"""Known-answer tests of metrics.py."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import metrics as M
+
+
+def test_reconstruction_metrics_known_values():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 16, generator=g) * torch.linspace(0.1, 3, 16) + 2.0
+    assert M.explained_variance(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert M.fvu(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert M.mse(x, x) == 0.0
+    assert M.cosine_similarity(x, x) == pytest.approx(1.0)
+    assert M.l2_ratio(x, 0.5 * x) == pytest.approx(0.5)
+    # Predicting the mean explains nothing: EV 0, FVU 1.
+    mean = x.mean(0, keepdim=True).expand_as(x)
+    assert M.explained_variance(x, mean) == pytest.approx(0.0, abs=1e-12)
+    assert M.fvu(x, mean) == pytest.approx(1.0, abs=1e-12)
+    # MSE = mean over rows of the squared error summed over dimensions.
+    assert M.mse(x, x + 1.0) == pytest.approx(16.0)
+    # EV is pooled (SAEBench), not the per-dimension mean 1 - mse_d/var_d: errors only on the
+    # small-variance dimension cost little pooled EV.
+    x_hat = x.clone()
+    x_hat[:, 0] = x[:, 0].mean()
+    pooled = M.explained_variance(x, x_hat)
+    var = x.double().var(0, unbiased=False)
+    assert pooled == pytest.approx(1 - float(var[0] / var.sum()), abs=1e-9)
+    assert pooled > 1 - 1 / 16 + 0.05    # the per-dimension mean would be exactly 1 - 1/16
+
+
+def test_sparsity_metrics():
+    acts = torch.zeros(10, 4)
+    acts[:, 0] = 1.0           # dense: fires on every row
+    acts[0, 1] = 2.0           # fires on 10%: not dense (> 10% is)
+    acts[:5, 2] = 0.5          # 50%
+    assert M.firing_frequency(acts).tolist() == pytest.approx([1.0, 0.1, 0.5, 0.0])
+    assert M.dead_fraction(acts) == 0.25
+    assert M.dense_fraction(acts) == 0.5
+    assert M.l0(acts) == pytest.approx(1.6)
+
+
+def test_loss_recovered_and_kl():
+    assert M.loss_recovered(1.0, 1.0, 5.0) == 1.0
+    assert M.loss_recovered(1.0, 5.0, 5.0) == 0.0
+    assert M.loss_recovered(1.0, 2.0, 5.0) == pytest.approx(0.75)
+    assert math.isnan(M.loss_recovered(1.0, 1.0, 1.0))
+    lg = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+    assert M.kl_divergence(lg, lg) == pytest.approx(0.0, abs=1e-12)
+    assert M.kl_divergence(lg, lg + 3.0) == pytest.approx(0.0, abs=1e-12)   # softmax shift-invariant
+    uniform = torch.zeros_like(lg)
+    p = torch.softmax(lg.double(), -1)
+    want = float((p * (p.log() + math.log(5))).sum(-1).mean())
+    assert M.kl_divergence(lg, uniform) == pytest.approx(want)
+    labels = lg.argmax(-1)
+    assert M.accuracy(lg, labels) == 1.0
+
+
+@pytest.mark.parametrize("p", [17, 23])
+def test_purity_of_a_hand_built_fourier_latent(p):
+    a = torch.arange(p).repeat_interleave(p)
+    b = torch.arange(p).repeat(p)
+    pure = torch.cos(2 * math.pi * 5 * (a + b) / p)
+    pure_relu = pure.relu()                 # a ReLU'd wave adds harmonics 10, 15...: less pure
+    mixed = pure + torch.cos(2 * math.pi * 3 * a / p)
+    const = torch.full((p * p,), 2.0)
+    acts = torch.stack([pure, mixed, const, 3.0 * torch.sin(2 * math.pi * 5 * (a - b) / p)], 1)
+    # Shuffle the rows: placement on the grid must follow (a, b), not the row order.
+    perm = torch.randperm(p * p, generator=torch.Generator().manual_seed(0))
+    purity, k, alive = M.latent_frequency_purity(acts[perm], a[perm], b[perm], p)
+    assert purity[0].item() == pytest.approx(1.0, abs=1e-6) and k[0].item() == 5
+    assert purity[1].item() == pytest.approx(0.5, abs=1e-6)
+    assert purity[3].item() == pytest.approx(1.0, abs=1e-6) and k[3].item() == 5
+    assert alive.tolist() == [True, True, False, True]
+    s = M.purity_summary(purity, k, alive, [5, 7], 0.8)
+    assert s["fraction_pure"] == pytest.approx(2 / 3)
+    assert s["key_coverage"] == 0.5 and s["keys_covered"] == [5]
+    pr, kr, _ = M.latent_frequency_purity(pure_relu[:, None], a, b, p)
+    assert kr.item() == 5 and 0.5 < pr.item() < 1.0
+
+
+def test_latent_grids_rejects_incomplete_grid():
+    p = 5
+    a = torch.arange(p).repeat_interleave(p)
+    b = torch.arange(p).repeat(p)
+    with pytest.raises(ValueError):
+        M.latent_grids(torch.zeros(p * p - 1, 2), a[:-1], b[:-1], p)
+    b2 = b.clone()
+    b2[0] = 1                                  # (0, 1) twice, (0, 0) never
+    with pytest.raises(ValueError):
+        M.latent_grids(torch.zeros(p * p, 2), a, b2, p)
+
+
+def test_overlap_of_a_dictionary_with_itself_and_a_permuted_copy():
+    g = torch.Generator().manual_seed(3)
+    D = M.random_unit_rows(256, 32, g)
+    perm = torch.randperm(256, generator=g)
+    for other in (D, D[perm]):
+        assert M.mean_max_abs_cos(D, other) == pytest.approx(1.0)
+        assert M.hungarian_mcc(D, other) == pytest.approx(1.0)
+        frac, r, c = M.matched_both_fraction(D, other, D, other)
+        assert frac == 1.0
+    _, r, c = M.matched_both_fraction(D, D[perm], D, D[perm])
+    assert torch.equal(perm[c], r)             # the matching undoes the permutation
+    # A sign-flipped copy: |cos| overlap stays 1, the signed PW-MCC becomes -1.
+    assert M.mean_max_abs_cos(D, -D) == pytest.approx(1.0)
+    assert M.hungarian_mcc(D, -D, signed=False) == pytest.approx(1.0)
+    # Signed matching: -D's rows are anti-parallel, so the best signed assignment pairs
+    # unrelated rows and scores far below 1 (a flipped decoder row is a different latent).
+    assert M.hungarian_mcc(D, -D) < 0.6
+
+
+def test_analytic_random_baseline_matches_known_values_and_monte_carlo():
+    # For 1024 x 128 the expected mean-max |cos| is ~0.299 (the issue's reference value).
+    ana = M.analytic_mean_max_abs_cos(1024, 1024, 128)
+    assert ana == pytest.approx(0.299, abs=0.002)
+    # d = 2: |u_1| = |cos(theta)|, theta uniform; with n = 1, E|cos| = 2 / pi.
+    assert M.expected_max_abs_cos(1, 2) == pytest.approx(2 / math.pi, abs=1e-6)
+    # d = 3: |u_1| is uniform on [0, 1], so E[max of n] = n / (n + 1).
+    assert M.expected_max_abs_cos(4, 3) == pytest.approx(0.8, abs=1e-6)
+    # Two independent random 1024 x 128 dictionaries score the analytic value within 0.01.
+    g = torch.Generator().manual_seed(7)
+    A, B = M.random_unit_rows(1024, 128, g), M.random_unit_rows(1024, 128, g)
+    assert abs(M.mean_max_abs_cos(A, B) - ana) < 0.01
+    # Hungarian on |cos| and on signed cosine: the issue's ~0.289 and ~0.272.
+    assert M.hungarian_mcc(A, B, signed=False) == pytest.approx(0.289, abs=0.01)
+    assert M.hungarian_mcc(A, B, signed=True) == pytest.approx(0.272, abs=0.01)
+    # Inside a small subspace chance overlap is much higher, and the analytic value uses d = r.
+    basis = torch.linalg.qr(torch.randn(128, 10, generator=g, dtype=torch.float64))[0].T
+    As, Bs = M.random_unit_rows(1024, 128, g, basis), M.random_unit_rows(1024, 128, g, basis)
+    sub = M.analytic_mean_max_abs_cos(1024, 1024, 10)
+    assert sub > 0.8
+    assert abs(M.mean_max_abs_cos(As, Bs) - sub) < 0.01
+
+
+def test_activation_correlation_and_pca():
+    g = torch.Generator().manual_seed(4)
+    f = torch.rand(300, 6, generator=g)
+    perm = torch.tensor([2, 0, 1, 5, 3, 4])
+    rows, cols = torch.arange(6), torch.argsort(perm)
+    assert M.matched_activation_correlation(f, f[:, perm], rows, cols) == pytest.approx(1.0)
+    f2 = f.clone()
+    f2[:, 0] = 0.0                              # a constant latent is skipped
+    assert M.matched_activation_correlation(f, f2, rows, rows) == pytest.approx(1.0)
+    x = torch.randn(2000, 8, generator=g) * torch.tensor([10.0, 5.0, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3])
+    comps, ratio, r = M.pca_basis(x, 0.99)
+    assert r == 2 and ratio[:2].sum() > 0.99
+    assert abs(comps[0, 0]) > 0.99
+
+
+def test_fourier_directions_recover_planted_directions():
+    p = 17
+    a = torch.arange(p).repeat_interleave(p).double()
+    b = torch.arange(p).repeat(p).double()
+    g = torch.Generator().manual_seed(5)
+    U = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))[0]
+    w = 2 * math.pi * 3 / p
+    x = (torch.cos(w * (a + b))[:, None] * U[0] + 2 * torch.sin(w * a)[:, None] * U[1]
+         + 0.01 * torch.randn(p * p, 20, generator=g, dtype=torch.float64))
+    V, names = M.fourier_directions(x, a.long(), b.long(), p, [3])
+    assert len(names) == 6 and V.shape == (6, 20)
+    assert abs(float(V[names.index("cos3(a+b)")] @ U[0])) > 0.99
+    assert abs(float(V[names.index("sin3(a)")] @ U[1])) > 0.99
