@@ -12,9 +12,21 @@ Output: a safetensors file with
   train_mask   bool [p^2]    a seeded SAE-train / held-out split (--holdout-frac)
 plus a JSON sidecar (same name, .json) with the source run, site, layer, shape,
 dtype, seed and code version.
+
+Language models (any Hugging Face causal LM: GPT-2, Llama / SmolLM, Qwen2, ...): given
+--model, this script hands over to lm.py (see its docstring and `--model X --help`):
+
+    python lm.py fetch-corpus      # default offline corpus -> data/corpus
+    python 02_extract_activations.py --model smollm2 --layer 15 --site resid_post \
+        --text data/corpus --tokens 1000000 --out runs/smollm2/acts_L15_resid_post
+    python 02_extract_activations.py --model gpt2 --layer 6 --text data/corpus --out runs/gpt2/acts
+    torchrun --nproc_per_node 2 02_extract_activations.py --model smollm2 ...   # corpus split by rank
+
+It writes numbered safetensors shards plus manifest.json to the --out directory.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -25,7 +37,7 @@ from common import (ArgumentParser, check, file_sha256, load_json, provenance, r
 
 
 def parse_args(argv=None):
-    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0] + " (LM mode: --model NAME, see lm.py)")
     ap.add_argument("--run", type=Path, required=True, help="a 01_train_transformer.py run directory")
     ap.add_argument("--site", default="resid_post", help=f"one of {', '.join(modadd.SITES)}")
     ap.add_argument("--layer", type=int, default=-1, help="layer index (default: the last)")
@@ -41,6 +53,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--model" or a.startswith("--model=") for a in raw):
+        import lm                                          # Hugging Face LM mode
+        return lm.extract_main(raw)
     args = parse_args(argv)
     check(args.run.is_dir(), f"--run {args.run} is not a directory (train one with 01_train_transformer.py)")
     model, run_cfg = modadd.load_run(args.run)

@@ -8,6 +8,13 @@ safetensors file with a 2-D float tensor `activations` [N, d_in]. If it holds a
 bool `train_mask` [N], the SAE trains on the True rows and the rest are held out;
 without one a seeded 10% is held out (--split-seed, so every SAE seed shares it).
 
+A directory with a manifest.json (02 --model: a language model's sharded activations)
+is streamed: shards are read a window at a time through a shuffle buffer of about
+--buffer-rows rows (lm.ShardStream), so memory does not grow with the data set. Only
+the SAE-train contexts of the manifest's split are trained on; the held-out rows
+(at most --heldout-rows) are evaluated. The input scale is estimated on a sample of
+--scale-rows train rows. Default length there: one pass over the train rows.
+
 Writes to --out:
     sae_weights.safetensors, cfg.json   the SAE, SAELens 6 layout (sae.SAE.load reads it)
     metrics.jsonl                       every --log-every steps: loss terms, MSE, EV (metrics.py),
@@ -59,7 +66,7 @@ OUTPUTS = ("sae_weights.safetensors", "cfg.json", "metrics.jsonl", CKPT, FINAL)
 # flags that may differ between a run and its --resume
 # (--acts may be spelled differently: the file itself is checked by its hash)
 RESUME_FREE = {"acts", "out", "resume", "overwrite", "quiet", "wandb", "stop_after_steps", "threads",
-               "device", "log_every", "ckpt_every"}
+               "device", "log_every", "ckpt_every", "buffer_rows"}
 
 
 def get_args(argv=None):
@@ -98,6 +105,11 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--eval-rows", type=int, default=8192, help="held-out rows evaluated at each log step")
+    p.add_argument("--buffer-rows", type=int, default=262144,
+                   help="sharded --acts: rows held in the shuffle buffer (bounds memory)")
+    p.add_argument("--heldout-rows", type=int, default=65536, help="sharded --acts: held-out rows kept for evaluation")
+    p.add_argument("--scale-rows", type=int, default=65536,
+                   help="sharded --acts: train rows sampled for the input scale and b_dec init")
     p.add_argument("--hook-name", default=None, help="metadata (default: from the activations' JSON sidecar)")
     p.add_argument("--model-name", default=None, help="metadata (default: from the activations' JSON sidecar)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
@@ -128,16 +140,20 @@ def get_args(argv=None):
           "--log-every, --ckpt-every and --eval-rows must be > 0")
     check(args.stop_after_steps is None or args.stop_after_steps > 0, "--stop-after-steps must be > 0")
     check(args.threads is None or args.threads > 0, "--threads must be > 0")
+    check(args.buffer_rows > 0 and args.heldout_rows > 0 and args.scale_rows > 0,
+          "--buffer-rows, --heldout-rows and --scale-rows must be > 0")
     return args
 
 
 # ----------------------------------------------------------------------------
 # Data
 
-def load_activations(acts_arg: str, split_seed: int) -> dict:
+def load_activations(acts_arg: str, split_seed: int, heldout_rows: int = 65536, scale_rows: int = 65536) -> dict:
     """Read and check the activations; returns train/held-out rows and metadata.
     Everything is validated here, before --out is touched."""
     path = Path(acts_arg)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return load_sharded(path, split_seed, heldout_rows, scale_rows)
     if path.is_dir():
         check((path / "activations.safetensors").is_file(),
               f"--acts {path} is a directory without activations.safetensors")
@@ -180,6 +196,25 @@ def load_activations(acts_arg: str, split_seed: int) -> dict:
                                        f"but 'activations' has {d} columns")
     return {"path": path, "x_train": x[train], "x_held": x[~train], "d_in": d, "n": n, "split": split,
             "sidecar": sidecar, "sha256_1mb": file_sha256(path, limit=1 << 20), "bytes": path.stat().st_size}
+
+
+def load_sharded(path: Path, split_seed: int, heldout_rows: int = 65536, scale_rows: int = 65536) -> dict:
+    """A language model's sharded activations (02 --model): the manifest, a bounded sample of
+    train rows and the held-out rows; the train rows themselves are streamed (lm.ShardStream)."""
+    import lm
+    m = lm.read_manifest(path)
+    n_train = int(m["split"]["n_train_rows"])
+    check(n_train >= 2, f"--acts {path}: the manifest's split has {n_train} SAE-train rows; need at least 2")
+    sample = lm.sample_train_rows(path, m, scale_rows, seed=split_seed)
+    held = lm.load_heldout_rows(path, heldout_rows)
+    for name, x in (("train", sample), ("held-out", held)):
+        bad = ~torch.isfinite(x).all(1)
+        check(not bad.any(), f"--acts {path}: {int(bad.sum())} sampled {name} row(s) hold NaN/inf")
+    mpath = path / "manifest.json"
+    return {"path": path, "x_train": None, "x_sample": sample, "x_held": held, "d_in": int(m["d_in"]),
+            "n": int(m["token_count"]), "n_train": n_train, "manifest": m, "stream": True,
+            "split": f"manifest split ({m['split']['rule']}, holdout_frac {m['split']['holdout_frac']})",
+            "sidecar": m, "sha256_1mb": file_sha256(mpath), "bytes": sum(s["bytes"] for s in m["shards"])}
 
 
 class RowSource:
@@ -305,15 +340,16 @@ def main(argv=None):
 
 def train(args, dist: Dist, dev: torch.device):
     # --- validate everything before writing anything ---------------------------
-    data = load_activations(args.acts, args.split_seed)
+    data = load_activations(args.acts, args.split_seed, args.heldout_rows, args.scale_rows)
+    stream = bool(data.get("stream"))
     d_in = data["d_in"]
     d_sae = args.d_sae or int(round(args.expansion * d_in))
     check(args.k <= d_sae, f"--k {args.k} exceeds the number of latents d_sae={d_sae}")
-    n_train = len(data["x_train"])
+    n_train = data["n_train"] if stream else len(data["x_train"])
     check(args.batch_size <= n_train, f"--batch-size {args.batch_size} exceeds the {n_train} SAE-train rows of {data['path']}")
     check(args.batch_size % dist.world_size == 0,
           f"--batch-size {args.batch_size} is not divisible by the {dist.world_size} processes")
-    tokens = args.tokens or max(2000 * args.batch_size, 100 * n_train)
+    tokens = args.tokens or (n_train if stream else max(2000 * args.batch_size, 100 * n_train))
     steps = max(1, tokens // args.batch_size)
     warmup, decay = int(args.warmup_frac * steps), int(args.decay_frac * steps)
     dead_tokens = args.dead_tokens or min(10_000_000, n_train)
@@ -339,19 +375,24 @@ def train(args, dist: Dist, dev: torch.device):
     prepare_out_dir(out, FINAL, overwrite=args.overwrite, resume=args.resume)
 
     # --- data: normalise to unit mean squared norm (the scale is folded in at the end)
-    x_train, x_held = data["x_train"].to(dev), data["x_held"].to(dev)
+    x_train, x_held = (data["x_sample"] if stream else data["x_train"]).to(dev), data["x_held"].to(dev)
     scale = 1.0 if args.no_normalize else float(1.0 / x_train.double().pow(2).sum(1).mean().sqrt().clamp_min(1e-30))
     x_train.mul_(scale)
     x_held_n = x_held * scale
     eval_rows = x_held_n[: args.eval_rows]
-    source = RowSource(x_train, args.batch_size, args.seed, dist.rank, dist.world_size)
+    if stream:                                             # shards through a shuffle buffer
+        import lm
+        source = lm.ShardStream(data["path"], data["manifest"], args.batch_size, args.seed, dist.rank,
+                                dist.world_size, buffer_rows=args.buffer_rows, scale=scale, device=dev)
+    else:
+        source = RowSource(x_train, args.batch_size, args.seed, dist.rank, dist.world_size)
 
     # --- model and optimiser -----------------------------------------------------
     gen = seed_everything(args.seed)
     sae = SAE(d_in, d_sae, args.arch, args.k, k_aux=args.k_aux, auxk_coeff=args.auxk_coeff,
               l1_coeff=args.l1_coeff or 0.0, l0_coeff=args.l0_coeff or 0.0, bandwidth=args.bandwidth,
               init_threshold=args.init_threshold, init=args.init, generator=gen)
-    sample = x_train[torch.randperm(n_train, generator=gen)[:32768].to(dev)]
+    sample = x_train[torch.randperm(len(x_train), generator=gen)[:32768].to(dev)]
     sae.init_b_dec_(sample)                                # Bricken et al. 2023
     sae.to(dev).train()
     if dist.world_size > 1:                                # every process starts from rank 0's weights
