@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import modadd
 from common import (ArgumentParser, UserError, append_jsonl, check, pick_device, prepare_out_dir,
-                    provenance, run_main, save_json, save_tensors, seed_everything)
+                    provenance, run_main, save_figure, save_json, save_tensors, seed_everything)
 
 RECIPES = {
     # fast: chosen by bench/sweep_recipe.py (18 recipes x 3 seeds; table in
@@ -216,10 +216,7 @@ def plot(history, norms, fourier, path):
     ax[2].plot(steps, [r["test_acc"] for r in history], label="test")
     ax[2].set(title="accuracy", xlabel="step", ylim=(0, 1.02)); ax[2].legend()
     fig.tight_layout()
-    tmp = Path(path).with_name("." + Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=80)
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ import torch
 
 import metrics as M
 from common import (ArgumentParser, UserError, check, file_sha256, load_json, load_tensors, pick_device,
-                    provenance, run_main, save_json)
+                    provenance, run_main, save_figure, save_json)
 from sae import SAE
 
 CHUNK = 4096
@@ -156,12 +156,7 @@ def density_histogram(acts: torch.Tensor, path: Path, title: str) -> Path:
     ax.set_title(f"{title}\n{int((freq == 0).sum())} dead of {len(freq)} (not shown)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 @torch.no_grad()

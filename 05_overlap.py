@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import metrics as M
-from common import ArgumentParser, UserError, check, load_json, load_tensors, provenance, run_main, save_json
+from common import ArgumentParser, UserError, check, load_json, load_tensors, provenance, run_main, save_figure, save_json
 from sae import SAE
 
 CHUNK = 4096
@@ -156,12 +156,7 @@ def heatmaps(names: list[str], mats: dict, path: Path) -> Path:
         ax.set_title(f"{title}\n(subspace chance {base:.3f})", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None):

@@ -80,6 +80,18 @@ def save_tensors(tensors: dict, path, metadata: dict | None = None) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def load_json(path, what: str = "file") -> dict:
     path = Path(path)
     check(path.is_file(), f"{what} {path} does not exist")
