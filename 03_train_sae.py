@@ -372,7 +372,7 @@ def train(args, dist: Dist, dev: torch.device):
         resuming = False
         check(not ckpt_path.is_file() or args.overwrite or (out / FINAL).exists(),
               f"--out {out} holds an unfinished run ({CKPT}); pass --resume to continue it or --overwrite to start over")
-    prepare_out_dir(out, FINAL, overwrite=args.overwrite, resume=args.resume)
+    prepare_out_dir(out, FINAL, overwrite=args.overwrite)
 
     # --- data: normalise to unit mean squared norm (the scale is folded in at the end)
     x_train, x_held = (data["x_sample"] if stream else data["x_train"]).to(dev), data["x_held"].to(dev)

@@ -124,7 +124,7 @@ def append_jsonl(path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def prepare_out_dir(out, final_file: str, overwrite: bool, resume: bool = False) -> Path:
+def prepare_out_dir(out, final_file: str, overwrite: bool) -> Path:
     """Refuse to clobber a finished run. A run is finished when `final_file` exists."""
     out = Path(out)
     if out.exists() and not out.is_dir():
