@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import modadd
-from common import (ArgumentParser, UserError, append_jsonl, check, pick_device, prepare_out_dir,
+from lib import modadd
+from lib.common import (ArgumentParser, UserError, append_jsonl, check, pick_device, prepare_out_dir,
                     provenance, run_main, save_figure, save_json, save_tensors, seed_everything)
 
 RECIPES = {

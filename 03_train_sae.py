@@ -10,7 +10,7 @@ without one a seeded 10% is held out (--split-seed, so every SAE seed shares it)
 
 A directory with a manifest.json (02 --model: a language model's sharded activations)
 is streamed: shards are read a window at a time through a shuffle buffer of about
---buffer-rows rows (lm.ShardStream), so memory does not grow with the data set. Only
+--buffer-rows rows (lib/activations.py ShardStream), so memory does not grow with the data set. Only
 the SAE-train contexts of the manifest's split are trained on; the held-out rows
 (at most --heldout-rows) are evaluated. The input scale is estimated on a sample of
 --scale-rows train rows. Default length there: one pass over the train rows.
@@ -54,10 +54,10 @@ from pathlib import Path
 
 import torch
 
-from common import (ArgumentParser, Dist, UserError, append_jsonl, check, file_sha256, load_json,
-                    load_tensor_metadata, load_tensors, prepare_out_dir, provenance, run_main,
-                    save_json, save_tensors, seed_everything)
-from metrics import explained_variance, l0 as mean_l0
+from lib.activations import Acts, encode_chunks, open_acts
+from lib.common import (ArgumentParser, Dist, UserError, append_jsonl, check, load_tensor_metadata, load_tensors,
+                        prepare_out_dir, provenance, run_main, save_json, save_tensors, seed_everything)
+from lib.metrics import explained_variance, l0 as mean_l0
 from sae import ARCHS, SAE
 
 FINAL = "summary.json"
@@ -146,101 +146,20 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------
-# Data
+# Data: every check happens here, before --out is touched.
 
-def load_activations(acts_arg: str, split_seed: int, heldout_rows: int = 65536, scale_rows: int = 65536) -> dict:
-    """Read and check the activations; returns train/held-out rows and metadata.
-    Everything is validated here, before --out is touched."""
-    path = Path(acts_arg)
-    if path.is_dir() and (path / "manifest.json").is_file():
-        return load_sharded(path, split_seed, heldout_rows, scale_rows)
-    if path.is_dir():
-        check((path / "activations.safetensors").is_file(),
-              f"--acts {path} is a directory without activations.safetensors")
-        path = path / "activations.safetensors"
-    check(path.is_file(), f"--acts {path} does not exist")
-    t = load_tensors(path, what="--acts")
-    check("activations" in t, f"--acts {path} has no tensor named 'activations' (found: {', '.join(sorted(t)) or 'none'})")
-    x = t["activations"]
-    check(x.dim() == 2 and x.dtype.is_floating_point,
-          f"--acts {path}: 'activations' must be a 2-D float tensor, got {x.dtype} of shape {list(x.shape)}")
-    n, d = x.shape
-    check(n >= 2 and d >= 1, f"--acts {path}: 'activations' has shape {list(x.shape)}; need at least 2 rows")
-    x = x.float()
-    bad = ~torch.isfinite(x).all(1)
-    if bad.any():
-        rows = bad.nonzero().squeeze(1)
-        raise UserError(f"--acts {path}: {len(rows)} row(s) of 'activations' hold NaN/inf (first: row {int(rows[0])})")
-    if "train_mask" in t:
-        m = t["train_mask"]
-        check(m.shape == (n,), f"--acts {path}: 'train_mask' has shape {list(m.shape)}, expected [{n}]")
-        check(m.dtype == torch.bool or (not m.dtype.is_floating_point and bool(((m == 0) | (m == 1)).all())),
-              f"--acts {path}: 'train_mask' must be bool (True = SAE-train row)")
-        train = m.bool()
-        split = "train_mask"
-    else:                           # no recorded split: hold out a seeded 10%
-        g = torch.Generator().manual_seed(split_seed)
-        held = torch.randperm(n, generator=g)[: max(1, n // 10)]
-        train = torch.ones(n, dtype=torch.bool)
-        train[held] = False
-        split = f"seeded 10% hold-out (split seed {split_seed})"
-    check(int(train.sum()) > 0, f"--acts {path}: train_mask selects no rows")
-    sidecar = {}
-    side = path.with_suffix(".json")
-    if side.is_file():
-        sidecar = load_json(side, "activations sidecar")
-        sidecar = sidecar if isinstance(sidecar, dict) else {}
-        for key in ("d_in", "d_model"):
-            v = sidecar.get(key)
-            check(v is None or v == d, f"--acts {path}: mismatched d_in: {side.name} says {key}={v} "
-                                       f"but 'activations' has {d} columns")
-    return {"path": path, "x_train": x[train], "x_held": x[~train], "d_in": d, "n": n, "split": split,
-            "sidecar": sidecar, "sha256_1mb": file_sha256(path, limit=1 << 20), "bytes": path.stat().st_size}
-
-
-def load_sharded(path: Path, split_seed: int, heldout_rows: int = 65536, scale_rows: int = 65536) -> dict:
-    """A language model's sharded activations (02 --model): the manifest, a bounded sample of
-    train rows and the held-out rows; the train rows themselves are streamed (lm.ShardStream)."""
-    import lm
-    m = lm.read_manifest(path)
-    n_train = int(m["split"]["n_train_rows"])
-    check(n_train >= 2, f"--acts {path}: the manifest's split has {n_train} SAE-train rows; need at least 2")
-    sample = lm.sample_train_rows(path, m, scale_rows, seed=split_seed)
-    held = lm.load_heldout_rows(path, heldout_rows)
+def load_data(args) -> tuple[Acts, torch.Tensor, torch.Tensor]:
+    """The opened activations, the SAE-train rows the input scale and b_dec come from (all of
+    a file's; a sample of --scale-rows from shards) and the held-out rows."""
+    acts = open_acts(args.acts, args.split_seed)
+    if acts.kind == "file":
+        return acts, acts.train_rows(), acts.heldout_rows()
+    sample = acts.train_sample(args.scale_rows, seed=args.split_seed)
+    held = acts.heldout_rows(args.heldout_rows)
     for name, x in (("train", sample), ("held-out", held)):
         bad = ~torch.isfinite(x).all(1)
-        check(not bad.any(), f"--acts {path}: {int(bad.sum())} sampled {name} row(s) hold NaN/inf")
-    mpath = path / "manifest.json"
-    return {"path": path, "x_train": None, "x_sample": sample, "x_held": held, "d_in": int(m["d_in"]),
-            "n": int(m["token_count"]), "n_train": n_train, "manifest": m, "stream": True,
-            "split": f"manifest split ({m['split']['rule']}, holdout_frac {m['split']['holdout_frac']})",
-            "sidecar": m, "sha256_1mb": file_sha256(mpath), "bytes": sum(s["bytes"] for s in m["shards"])}
-
-
-class RowSource:
-    """The SAE-train rows, in memory. batch(step) is a pure function of (seed, step):
-    a fresh seeded permutation per pass, cut into global batches, each process taking
-    its slice. So a resumed run, or N processes, see exactly the rows one uninterrupted
-    process would; the data position is just the step. (A streaming source over shards
-    with a shuffle buffer can offer the same batch(step) and state().)"""
-
-    def __init__(self, x: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.x, self.B, self.seed, self.rank, self.world = x, batch_size, seed, rank, world
-        self.per_epoch = len(x) // batch_size
-        self.local = batch_size // world
-        self._epoch, self._perm = -1, None
-        self._buf = torch.empty(self.local, x.shape[1], dtype=x.dtype, device=x.device)
-
-    def batch(self, step: int) -> torch.Tensor:
-        epoch, i = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2 ** 63))
-            self._epoch, self._perm = epoch, torch.randperm(len(self.x), generator=g).to(self.x.device)
-        lo = i * self.B + self.rank * self.local
-        return torch.index_select(self.x, 0, self._perm[lo:lo + self.local], out=self._buf)
-
-    def state(self) -> dict:
-        return {"kind": "memory-rows", "rows": len(self.x), "batches_per_pass": self.per_epoch}
+        check(not bad.any(), f"--acts {acts.path}: {int(bad.sum())} sampled {name} row(s) hold NaN/inf")
+    return acts, sample, held
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int, decay: int) -> float:
@@ -252,8 +171,43 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, decay: int) -> float:
     return lr
 
 
+@torch.no_grad()
+def evaluate(sae: SAE, x: torch.Tensor, chunk: int = 8192) -> dict:
+    """EV, MSE, L0 and never-fired fraction of sae's inference code on rows x."""
+    if len(x) == 0:
+        return {}
+    x_hats, l0_sum, fired, sq = [], 0.0, torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device), 0.0
+    for xb, f, xh in encode_chunks(sae, x, chunk):
+        x_hats.append(xh)
+        l0_sum += mean_l0(f) * len(xb)
+        fired |= (f > 0).any(0)
+        sq += float((xh - xb).double().pow(2).sum())
+    x_hat = torch.cat(x_hats)
+    return {"ev": explained_variance(x, x_hat), "mse": sq / len(x), "l0": l0_sum / len(x),
+            "never_fired_frac": float((~fired).float().mean()), "rows": len(x)}
+
+
+def log_record(done: int, batch_size: int, lr: float, out, terms: torch.Tensor, x: torch.Tensor, l0: float,
+               dead_frac: float, tokens_per_s: float, lam: float, sae: SAE, heldout: dict) -> dict:
+    """One line of metrics.jsonl: loss terms (averaged over processes), EV of this batch
+    (metrics.py), L0, dead fraction, speed, lambda / BatchTopK threshold, held-out EV and L0."""
+    rec = {"step": done, "tokens": done * batch_size, "lr": lr, "loss": float(terms[0])}
+    rec.update({k: float(v) for k, v in zip(out.losses, terms[1:])})       # mse, l1/l0/auxk_loss
+    rec["ev"] = explained_variance(x, out.x_hat.detach())
+    rec["l0"] = l0
+    rec["dead_frac"] = dead_frac
+    rec["tokens_per_s"] = tokens_per_s
+    if sae.arch in ("relu", "jumprelu"):
+        rec["lambda"] = lam
+    if sae.arch == "batchtopk":
+        rec["threshold"] = float(sae.threshold[0])
+    if heldout:
+        rec["heldout_ev"], rec["heldout_l0"] = heldout["ev"], heldout["l0"]
+    return rec
+
+
 # ----------------------------------------------------------------------------
-# Checkpoints: safetensors tensors + JSON in the header; no pickle.
+# Checkpoints and resume: safetensors tensors + JSON in the header; no pickle.
 
 def save_checkpoint(path: Path, sae: SAE, opt, step: int, since_fired, lam: float, meta: dict) -> None:
     t = {f"sae.{k}": v for k, v in sae.state_dict().items()}
@@ -295,110 +249,103 @@ def load_checkpoint(path: Path, sae: SAE, opt) -> tuple[int, torch.Tensor, float
     return int(meta["step"]), t["since_fired"], float(meta["lam"])
 
 
+def will_resume(args, out: Path, dist: Dist) -> bool:
+    """--resume continues an unfinished run; anything else starts from step 0, and refuses to
+    replace a run (finished or not) without --overwrite."""
+    ckpt = out / CKPT
+    if args.resume and ckpt.is_file() and not (out / FINAL).exists():
+        return True
+    if args.resume and dist.master and not (out / FINAL).exists():
+        print(f"note: no {CKPT} in --out {out}; starting from step 0", file=sys.stderr)
+    check(not ckpt.is_file() or args.overwrite or (out / FINAL).exists(),
+          f"--out {out} holds an unfinished run ({CKPT}); pass --resume to continue it or --overwrite to start over")
+    return False
+
+
+def check_same_run(ckpt_path: Path, ckpt_meta: dict, acts: Acts) -> None:
+    """A resumed run must be the run that was checkpointed: same d_in, flags and data."""
+    meta = checkpoint_state(ckpt_path)
+    check(meta.get("d_in") == acts.d_in, f"--resume: mismatched d_in: the checkpoint was trained on "
+                                         f"d_in={meta.get('d_in')}, --acts has d_in={acts.d_in}")
+    diff = [k for k, v in ckpt_meta["config"].items() if meta.get("config", {}).get(k) != v]
+    check(not diff, f"--resume: flags differ from the checkpointed run: "
+                    f"{', '.join('--' + k.replace('_', '-') for k in diff)}")
+    check(meta.get("acts_sha256_1mb") == acts.sha256_1mb,
+          f"--resume: --acts {acts.path} is not the file the run started on")
+
+
+def tidy_out_dir(out: Path, resuming: bool, start: int) -> None:
+    """Remove half-written files of a killed run; a fresh run clears an old one (--overwrite);
+    a resumed run keeps its metrics up to the checkpoint."""
+    for name in OUTPUTS:
+        for tmp in out.glob(f".{name}.tmp*"):
+            tmp.unlink(missing_ok=True)
+    if not resuming:
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+        return
+    mpath = out / "metrics.jsonl"
+    if mpath.exists():
+        keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
+        tmp = out / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, mpath)
+
+
 # ----------------------------------------------------------------------------
-
-def all_reduce(dist: Dist, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    if dist.world_size > 1:
-        import torch.distributed as tdist
-        tdist.all_reduce(t, op=tdist.ReduceOp.MIN if op == "min" else tdist.ReduceOp.SUM)
-    return t
-
-
-@torch.no_grad()
-def evaluate(sae: SAE, x: torch.Tensor, chunk: int = 8192) -> dict:
-    """EV, MSE, L0 and never-fired fraction of sae's inference code on rows x."""
-    if len(x) == 0:
-        return {}
-    was = sae.training
-    sae.eval()
-    x_hats, l0_sum, fired, sq = [], 0.0, torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device), 0.0
-    for i in range(0, len(x), chunk):
-        xb = x[i:i + chunk]
-        f = sae.encode(xb)
-        xh = sae.decode(f)
-        x_hats.append(xh)
-        l0_sum += mean_l0(f) * len(xb)
-        fired |= (f > 0).any(0)
-        sq += float((xh - xb).double().pow(2).sum())
-    sae.train(was)
-    x_hat = torch.cat(x_hats)
-    return {"ev": explained_variance(x, x_hat), "mse": sq / len(x), "l0": l0_sum / len(x),
-            "never_fired_frac": float((~fired).float().mean()), "rows": len(x)}
-
 
 def main(argv=None):
     args = get_args(argv)
     dist = Dist(args.device)
-    dev = dist.device
     if args.threads or dist.world_size > 1:
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     try:
-        train(args, dist, dev)
+        train(args, dist, dist.device)
     finally:
         dist.close()
 
 
 def train(args, dist: Dist, dev: torch.device):
-    # --- validate everything before writing anything ---------------------------
-    data = load_activations(args.acts, args.split_seed, args.heldout_rows, args.scale_rows)
-    stream = bool(data.get("stream"))
-    d_in = data["d_in"]
+    # --- data and sizes (everything is checked before anything is written) -------------------
+    acts, x_train, x_held = load_data(args)
+    d_in = acts.d_in
     d_sae = args.d_sae or int(round(args.expansion * d_in))
     check(args.k <= d_sae, f"--k {args.k} exceeds the number of latents d_sae={d_sae}")
-    n_train = data["n_train"] if stream else len(data["x_train"])
-    check(args.batch_size <= n_train, f"--batch-size {args.batch_size} exceeds the {n_train} SAE-train rows of {data['path']}")
+    n_train = acts.n_train
+    check(args.batch_size <= n_train, f"--batch-size {args.batch_size} exceeds the {n_train} SAE-train rows of {acts.path}")
     check(args.batch_size % dist.world_size == 0,
           f"--batch-size {args.batch_size} is not divisible by the {dist.world_size} processes")
-    tokens = args.tokens or (n_train if stream else max(2000 * args.batch_size, 100 * n_train))
+    tokens = args.tokens or (n_train if acts.kind == "shards" else max(2000 * args.batch_size, 100 * n_train))
     steps = max(1, tokens // args.batch_size)
     warmup, decay = int(args.warmup_frac * steps), int(args.decay_frac * steps)
     dead_tokens = args.dead_tokens or min(10_000_000, n_train)
     use_auxk = args.arch in ("topk", "batchtopk") and not args.no_auxk
-
     wandb = None
     if args.wandb and dist.master:                         # imported only when asked for
         try:
             import wandb
         except ImportError:
             raise UserError("--wandb needs the wandb package (pip install wandb)")
-
     out = Path(args.out)
-    ckpt_path = out / CKPT
-    if args.resume and ckpt_path.is_file() and not (out / FINAL).exists():
-        resuming = True
-    else:
-        if args.resume and dist.master and not (out / FINAL).exists():
-            print(f"note: no {CKPT} in --out {out}; starting from step 0", file=sys.stderr)
-        resuming = False
-        check(not ckpt_path.is_file() or args.overwrite or (out / FINAL).exists(),
-              f"--out {out} holds an unfinished run ({CKPT}); pass --resume to continue it or --overwrite to start over")
+    resuming = will_resume(args, out, dist)
     prepare_out_dir(out, FINAL, overwrite=args.overwrite)
 
-    # --- data: normalise to unit mean squared norm (the scale is folded in at the end)
-    x_train, x_held = (data["x_sample"] if stream else data["x_train"]).to(dev), data["x_held"].to(dev)
+    # inputs scaled to unit mean squared norm (Lieberum et al. 2024); folded back at the end
+    x_train = x_train.to(dev)
     scale = 1.0 if args.no_normalize else float(1.0 / x_train.double().pow(2).sum(1).mean().sqrt().clamp_min(1e-30))
     x_train.mul_(scale)
-    x_held_n = x_held * scale
-    eval_rows = x_held_n[: args.eval_rows]
-    if stream:                                             # shards through a shuffle buffer
-        import lm
-        source = lm.ShardStream(data["path"], data["manifest"], args.batch_size, args.seed, dist.rank,
-                                dist.world_size, buffer_rows=args.buffer_rows, scale=scale, device=dev)
-    else:
-        source = RowSource(x_train, args.batch_size, args.seed, dist.rank, dist.world_size)
+    eval_rows = (x_held.to(dev) * scale)[: args.eval_rows]
+    source = acts.batches(args.batch_size, args.seed, dist.rank, dist.world_size, x_train=x_train,
+                          buffer_rows=args.buffer_rows, scale=scale, device=dev)
 
-    # --- model and optimiser -----------------------------------------------------
+    # --- the SAE, its optimiser and the training state ---------------------------------------
     gen = seed_everything(args.seed)
     sae = SAE(d_in, d_sae, args.arch, args.k, k_aux=args.k_aux, auxk_coeff=args.auxk_coeff,
               l1_coeff=args.l1_coeff or 0.0, l0_coeff=args.l0_coeff or 0.0, bandwidth=args.bandwidth,
               init_threshold=args.init_threshold, init=args.init, generator=gen)
-    sample = x_train[torch.randperm(len(x_train), generator=gen)[:32768].to(dev)]
-    sae.init_b_dec_(sample)                                # Bricken et al. 2023
+    sae.init_b_dec_(x_train[torch.randperm(len(x_train), generator=gen)[:32768].to(dev)])   # Bricken et al. 2023
     sae.to(dev).train()
-    if dist.world_size > 1:                                # every process starts from rank 0's weights
-        import torch.distributed as tdist
-        for p in sae.parameters():
-            tdist.broadcast(p.data, 0)
+    dist.broadcast_([p.data for p in sae.parameters()])   # every process starts from rank 0's weights
     try:
         opt = torch.optim.Adam(sae.parameters(), lr=args.lr, fused=True)
     except (RuntimeError, TypeError):
@@ -410,144 +357,96 @@ def train(args, dist: Dist, dev: torch.device):
     lam = (0.01 if args.arch == "relu" else 1e-4) if steer else fixed
     start = 0
     ckpt_meta = {"config": {k: v for k, v in vars(args).items() if k not in RESUME_FREE},
-                 "acts_sha256_1mb": data["sha256_1mb"], "d_in": d_in, "d_sae": d_sae, "n_train": n_train,
+                 "acts_sha256_1mb": acts.sha256_1mb, "d_in": d_in, "d_sae": d_sae, "n_train": n_train,
                  "input_scale": scale, "data": source.state()}
-    if resuming:                                           # check it is the same run, then load
-        meta = checkpoint_state(ckpt_path)
-        check(meta.get("d_in") == d_in, f"--resume: mismatched d_in: the checkpoint was trained on "
-                                        f"d_in={meta.get('d_in')}, --acts has d_in={d_in}")
-        diff = [k for k, v in ckpt_meta["config"].items() if meta.get("config", {}).get(k) != v]
-        check(not diff, f"--resume: flags differ from the checkpointed run: "
-                        f"{', '.join('--' + k.replace('_', '-') for k in diff)}")
-        check(meta.get("acts_sha256_1mb") == data["sha256_1mb"],
-              f"--resume: --acts {data['path']} is not the file the run started on")
-        start, since_fired, lam = load_checkpoint(ckpt_path, sae, opt)
+    if resuming:
+        check_same_run(out / CKPT, ckpt_meta, acts)
+        start, since_fired, lam = load_checkpoint(out / CKPT, sae, opt)
         since_fired = since_fired.to(dev)
     if dist.master:
-        for name in OUTPUTS:                               # half-written files of a killed run
-            for tmp in out.glob(f".{name}.tmp*"):
-                tmp.unlink(missing_ok=True)
-        if not resuming:
-            for name in OUTPUTS:                           # --overwrite: clear the old run
-                (out / name).unlink(missing_ok=True)
-        else:                                              # keep the metrics up to the checkpoint
-            mpath = out / "metrics.jsonl"
-            if mpath.exists():
-                keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-                tmp = out / ".metrics.jsonl.tmp"
-                tmp.write_text("".join(ln + "\n" for ln in keep))
-                os.replace(tmp, mpath)
-
+        tidy_out_dir(out, resuming, start)
     if wandb is not None:
         wandb.init(project=args.wandb, config={**vars(args), "d_in": d_in, "d_sae": d_sae, "steps": steps},
                    dir=str(out), resume="allow")
 
-    # --- the loop -------------------------------------------------------------------------
+    # --- the loop ----------------------------------------------------------------------------
     from tqdm import tqdm
     bar = tqdm(total=steps, initial=start, disable=args.quiet or not dist.master or not sys.stderr.isatty(),
                unit="step", dynamic_ncols=True)
-    red = (lambda t: all_reduce(dist, t)) if dist.world_size > 1 else None
+    red = dist.all_reduce_sum_ if dist.world_size > 1 else None
     t_last, tok_last, l0_global = time.perf_counter(), start * args.batch_size, None
     stop_at = steps if args.stop_after_steps is None else min(steps, start + args.stop_after_steps)
-    step = start
     for step in range(start, stop_at):
+        # (1) schedule and batch: lr warmup / decay, the L1 warmup, which latents are dead
         lr = lr_at(step, steps, args.lr, warmup, decay)
         for g in opt.param_groups:
             g["lr"] = lr
         if args.arch == "relu":       # L1 warmup (Conerly et al. 2024), on top of any steering
             coeff = lam * min(1.0, (step + 1) / max(1, int(args.l1_warmup_frac * steps)))
-        elif args.arch == "jumprelu":
-            coeff = lam
         else:
-            coeff = None
+            coeff = lam if args.arch == "jumprelu" else None
         dead_mask = since_fired >= dead_tokens if use_auxk else None
         x = source.batch(step)
+
+        # (2) forward and backward; gradients averaged over processes
         out_ = sae(x, dead_mask=dead_mask, sparsity_coeff=coeff, all_reduce=red)
         opt.zero_grad(set_to_none=True)
         out_.loss.backward()
-        if dist.world_size > 1:                            # data parallel: average the gradients
-            # (what DDP does, written out: one bucket, one all-reduce per step)
-            for p in sae.parameters():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in sae.parameters()]
-            flat = dist.all_reduce_mean_(torch.cat([g.reshape(-1) for g in grads]))
-            i = 0
-            for g in grads:
-                g.copy_(flat[i:i + g.numel()].view_as(g))
-                i += g.numel()
+        dist.average_gradients_(sae.parameters())
+
+        # (3) the step under the decoder constraint, then the global statistics: which latents
+        # fired, L0, BatchTopK's smallest kept activation, lambda's steering toward L0 = k
         sae.remove_parallel_grad_()                        # Bricken et al. 2023
         opt.step()
         sae.post_step_()                                   # unit-norm decoder rows, theta >= 0
-
-        # global statistics: which latents fired, L0, BatchTopK's smallest kept activation
         with torch.no_grad():
-            stats = torch.cat([out_.fired.to(torch.float64), (out_.l0 * x.shape[0]).view(1).double()])
-            all_reduce(dist, stats)
-            fired = stats[:-1] > 0
+            stats = dist.all_reduce_sum_(torch.cat([out_.fired.to(torch.float64), (out_.l0 * x.shape[0]).view(1).double()]))
             l0_global = float(stats[-1]) / args.batch_size
-            since_fired = torch.where(fired, torch.zeros_like(since_fired), since_fired + args.batch_size)
+            since_fired = torch.where(stats[:-1] > 0, torch.zeros_like(since_fired), since_fired + args.batch_size)
             if args.arch == "batchtopk" and out_.min_active is not None:
-                m = all_reduce(dist, out_.min_active.detach().double().view(1).clone(), op="min")
-                sae.update_threshold_(float(m))
+                sae.update_threshold_(float(dist.all_reduce_min_(out_.min_active.detach().double().view(1).clone())))
             if steer:                 # integral control of lambda toward L0 = k, at most 2% a step
                 lam *= math.exp(0.02 * max(-1.0, min(1.0, math.log(max(l0_global, 1e-3) / args.k))))
 
+        # (4) log and checkpoint
         done = step + 1
         if done % args.log_every == 0 or done == steps:
-            terms = torch.stack([out_.loss.detach()] + [v.detach() for v in out_.losses.values()]).double()
-            dist.all_reduce_mean_(terms)
+            terms = dist.all_reduce_mean_(torch.stack([out_.loss.detach()] + [v.detach() for v in out_.losses.values()]).double())
             if dist.master:
-                now = time.perf_counter()
-                rec = {"step": done, "tokens": done * args.batch_size, "lr": lr, "loss": float(terms[0])}
-                rec.update({k: float(v) for k, v in zip(out_.losses, terms[1:])})   # mse, l1/l0/auxk_loss
-                rec["ev"] = explained_variance(x, out_.x_hat.detach())
-                rec["l0"] = l0_global
-                rec["dead_frac"] = float((since_fired >= dead_tokens).float().mean())
-                rec["tokens_per_s"] = (done * args.batch_size - tok_last) / max(1e-9, now - t_last)
-                if args.arch in ("relu", "jumprelu"):
-                    rec["lambda"] = lam
-                if args.arch == "batchtopk":
-                    rec["threshold"] = float(sae.threshold[0])
-                ev = evaluate(sae, eval_rows)
-                if ev:
-                    rec["heldout_ev"], rec["heldout_l0"] = ev["ev"], ev["l0"]
+                tps = (done * args.batch_size - tok_last) / max(1e-9, time.perf_counter() - t_last)
+                rec = log_record(done, args.batch_size, lr, out_, terms, x, l0_global,
+                                 float((since_fired >= dead_tokens).float().mean()), tps, lam, sae,
+                                 evaluate(sae, eval_rows))
                 append_jsonl(out / "metrics.jsonl", rec)
                 if wandb is not None:
                     wandb.log(rec, step=done)
                 bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['ev']:.3f}", l0=f"{rec['l0']:.1f}")
                 t_last, tok_last = time.perf_counter(), done * args.batch_size    # (excludes the eval)
         if (done % args.ckpt_every == 0 or done == stop_at) and dist.master:
-            save_checkpoint(ckpt_path, sae, opt, done, since_fired, lam, ckpt_meta)
+            save_checkpoint(out / CKPT, sae, opt, done, since_fired, lam, ckpt_meta)
         bar.update(1)
     bar.close()
-    if stop_at < steps:                                    # --stop-after-steps: leave as if killed
-        dist.barrier()
+    dist.barrier()
+    if stop_at < steps or not dist.master:                 # --stop-after-steps: leave as if killed
         return
 
     # --- finish: back to the input's units, save, evaluate on the held-out rows ---------------
-    dist.barrier()
-    if not dist.master:
-        return
-    train_l0 = l0_global
     sae.fold_input_scale_(scale)
     sae.eval()
-    held = evaluate(sae, x_held)
-    side = data["sidecar"]
+    held = evaluate(sae, x_held.to(dev))
+    side = acts.sidecar
     prov = provenance(args, seed=args.seed, d_in=d_in, d_sae=d_sae, steps=steps, tokens=steps * args.batch_size,
-                      n_train=n_train, n_heldout=len(x_held), split=data["split"], input_scale=scale,
+                      n_train=n_train, n_heldout=len(x_held), split=acts.split, input_scale=scale,
                       dead_tokens=dead_tokens, warmup_steps=warmup, decay_steps=decay,
-                      world_size=dist.world_size, acts_sha256_1mb=data["sha256_1mb"])
-    meta = {"model_name": args.model_name or side.get("model_name") or side.get("model"),
-            "hook_name": args.hook_name or side.get("hook_name"),
-            "input_scale_folded": scale, "seed": args.seed, "code_version": prov["code_version"],
-            "training_config": prov["config"], "tokens": steps * args.batch_size}
-    sae.save(out, metadata=meta)
-    summary = {**prov, "heldout": held, "final_train_l0": train_l0,
+                      world_size=dist.world_size, acts_sha256_1mb=acts.sha256_1mb)
+    sae.save(out, metadata={"model_name": args.model_name or side.get("model_name") or side.get("model"),
+                            "hook_name": args.hook_name or side.get("hook_name"),
+                            "input_scale_folded": scale, "seed": args.seed, "code_version": prov["code_version"],
+                            "training_config": prov["config"], "tokens": steps * args.batch_size})
+    save_json({**prov, "heldout": held, "final_train_l0": l0_global,
                "final_lambda": lam if args.arch in ("relu", "jumprelu") else None,
                "batchtopk_threshold": float(sae.threshold[0]) if args.arch == "batchtopk" else None,
-               "dead_frac": float((since_fired >= dead_tokens).float().mean())}
-    save_json(summary, out / FINAL)
+               "dead_frac": float((since_fired >= dead_tokens).float().mean())}, out / FINAL)
     if wandb is not None:
         wandb.log({f"final/{k}": v for k, v in held.items()})
         wandb.finish()

@@ -18,8 +18,9 @@ Every number is one function of metrics.py (formula in its docstring):
                   cos/sin directions matched one to one to decoder rows, mean |cos|); each beside the
                   same number for random-decoder SAEs of the same shape and for the PCA basis.
 
---acts may also be a directory with manifest.json (language-model activations, lm.py): held-out
-rows come from lm.load_heldout_rows and downstream numbers from lm.lm_downstream; no Fourier metrics.
+--acts is opened by lib/activations.py (any of its three kinds, with the held-out rows 03 held out);
+a directory with manifest.json (language-model shards) gets its downstream numbers from
+lib.lm.lm_downstream and no Fourier metrics.
 SAEs in SAELens's layout (sae_weights.safetensors + cfg.json) load through sae.SAE.load.
 """
 from __future__ import annotations
@@ -29,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-import metrics as M
-from common import (ArgumentParser, UserError, check, file_sha256, load_json, load_tensors, pick_device,
-                    provenance, run_main, save_figure, save_json)
+from lib import metrics as M
+from lib.activations import Acts, check_width, encode_all, open_acts
+from lib.common import (ArgumentParser, UserError, check, file_sha256, load_json, pick_device, provenance, run_main,
+                        save_figure, save_json)
 from sae import SAE
 
 CHUNK = 4096
@@ -65,62 +67,6 @@ def parse_args(argv=None):
     check(0 < args.purity_threshold <= 1, "--purity-threshold must be in (0, 1]")
     check(args.n_random >= 1, "--n-random must be >= 1")
     return args
-
-
-# ----------------------------------------------------------------------------
-# Inputs
-
-def resolve_acts(path: Path) -> tuple[str, Path]:
-    """('lm', dir) for a directory with manifest.json, else ('file', the .safetensors)."""
-    if path.is_dir():
-        if (path / "manifest.json").is_file():
-            return "lm", path
-        check((path / "activations.safetensors").is_file(),
-              f"--acts {path} is a directory with neither activations.safetensors nor manifest.json")
-        path = path / "activations.safetensors"
-    check(path.is_file(), f"--acts {path} does not exist")
-    return "file", path
-
-
-def load_acts_file(path: Path, split_seed: int) -> dict:
-    t = load_tensors(path, "--acts")
-    check("activations" in t, f"--acts {path} has no tensor named 'activations' (found: {', '.join(sorted(t)) or 'none'})")
-    x = t["activations"]
-    check(x.dim() == 2 and x.dtype.is_floating_point,
-          f"--acts {path}: 'activations' must be a 2-D float tensor, got {x.dtype} of shape {list(x.shape)}")
-    n = len(x)
-    check(n >= 2, f"--acts {path}: need at least 2 rows")
-    x = x.float()
-    check(bool(torch.isfinite(x).all()), f"--acts {path}: 'activations' holds NaN/inf")
-    if "train_mask" in t:
-        m = t["train_mask"]
-        check(m.shape == (n,), f"--acts {path}: 'train_mask' has shape {list(m.shape)}, expected [{n}]")
-        train = m.bool()
-        split = "train_mask"
-    else:                                       # the same rule as 03_train_sae.py
-        held = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))[: max(1, n // 10)]
-        train = torch.ones(n, dtype=torch.bool)
-        train[held] = False
-        split = f"seeded 10% hold-out (split seed {split_seed})"
-    check(int((~train).sum()) > 0, f"--acts {path}: no held-out rows (train_mask is all True)")
-    side = path.with_suffix(".json")
-    sidecar = load_json(side, "activations sidecar") if side.is_file() else {}
-    out = {"path": path, "x": x, "train": train, "split": split, "sidecar": sidecar if isinstance(sidecar, dict) else {}}
-    for key in ("a", "b", "c"):
-        if key in t:
-            out[key] = t[key].long()
-    return out
-
-
-@torch.no_grad()
-def codes_and_recon(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense codes [N, d_sae] and reconstructions [N, d_in] (inference semantics), chunked."""
-    fs, xh = [], []
-    for i in range(0, len(x), CHUNK):
-        f = sae.encode(x[i:i + CHUNK])
-        fs.append(f)
-        xh.append(sae.decode(f))
-    return torch.cat(fs), torch.cat(xh)
 
 
 # ----------------------------------------------------------------------------
@@ -208,7 +154,7 @@ def fourier_metrics(sae: SAE, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         return s, pur, kk, alive
 
     gt, gt_names = M.fourier_directions(x, a, b, p, keys) if keys else (torch.zeros(0, x.shape[1]), [])
-    codes, _ = codes_and_recon(sae, x)
+    codes, _ = encode_all(sae, x)
     mine, pur, kk, alive = scores(codes, sae.W_dec.detach())
     # Which ground-truth direction each matched decoder row took, for the reader.
     if len(keys):
@@ -222,7 +168,7 @@ def fourier_metrics(sae: SAE, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     for i in range(n_random):
         rs = random_decoder_sae(sae, x, int(round(l0)), g)
         if i < n_purity_random:           # purity needs a DFT of every latent: fewer draws
-            rc, _ = codes_and_recon(rs, x)
+            rc, _ = encode_all(rs, x)
             rand.append(scores(rc, rs.W_dec)[0])
         else:
             rand.append({"mcc": M.hungarian_mcc(gt, rs.W_dec, signed=False) if len(keys) else float("nan")})
@@ -271,114 +217,123 @@ def find_run(args, sidecar: dict) -> Path | None:
     return None
 
 
+def lm_metrics(args, sae: SAE, acts: Acts, device) -> dict:
+    """A language model's shards: held-out rows, and the loss with the SAE spliced in."""
+    from lib import lm                                            # lazily: only LM targets need it
+    x_held = acts.heldout_rows(args.max_rows)
+    codes, x_hat = encode_all(sae, x_held)
+    res = {"target": "lm", "split": acts.split, "rows": {"heldout": len(x_held)},
+           "reconstruction": reconstruction_metrics(x_held, x_hat), "sparsity": sparsity_metrics(codes),
+           "fourier": None}
+    down = dict(lm.lm_downstream(sae.to(device), acts.path, device, args.max_contexts))
+    sae.cpu()
+    if "loss_recovered" not in down and all(k in down for k in ("ce_clean", "ce_sae", "ce_zero")):
+        down["loss_recovered"] = M.loss_recovered(down["ce_clean"], down["ce_sae"], down["ce_zero"])
+    res["downstream"] = down
+    return res, codes
+
+
+def file_metrics(args, sae: SAE, acts: Acts) -> dict:
+    """An activations file: held-out rows, the dead fraction on all rows, and (given the
+    modular-addition run) downstream and Fourier metrics over the full grid."""
+    x_held = acts.heldout_rows(args.max_rows)
+    check(len(x_held) > 0, f"--acts {acts.path}: no held-out rows (train_mask is all True)")
+    codes, x_hat = encode_all(sae, x_held)
+    res = {"target": acts.sidecar.get("source", "generic"), "split": acts.split,
+           "rows": {"heldout": len(x_held), "total": acts.n_rows},
+           "reconstruction": reconstruction_metrics(x_held, x_hat), "sparsity": sparsity_metrics(codes)}
+    if acts.n_rows <= 200_000:          # context for the held-out figure: rare latents miss a small hold-out
+        res["sparsity"]["dead_fraction_all_rows"] = M.dead_fraction(encode_all(sae, acts.x)[0])
+        res["sparsity"]["all_rows"] = acts.n_rows
+    run = find_run(args, acts.sidecar)
+    if run is None:
+        res["downstream"] = res["fourier"] = None
+        res["notes"] = ["no model run (--run) given or found: downstream and Fourier metrics skipped"]
+    else:
+        res.update(modadd_metrics(args, sae, acts, run, res["sparsity"]["l0"]))
+    return res, codes
+
+
+def modadd_metrics(args, sae: SAE, acts: Acts, run: Path, l0: float) -> dict:
+    from lib import modadd
+    fj = run / "fourier.json"
+    check(fj.is_file(), f"--run {run} has no fourier.json (01_train_transformer.py writes it); "
+                        f"the Fourier metrics need its key_frequencies")
+    fourier = load_json(fj, "fourier.json")
+    check(isinstance(fourier, dict) and isinstance(fourier.get("key_frequencies"), list),
+          f"{fj} has no key_frequencies list")
+    model, _ = modadd.load_run(run)
+    p, x = model.cfg.p, acts.x
+    site, layer = acts.sidecar.get("site"), acts.sidecar.get("layer")
+    check(site in modadd.SITES and isinstance(layer, int),
+          f"--acts {acts.path}: its sidecar {acts.path.with_suffix('.json').name} does not name the "
+          f"site and layer (02_extract_activations.py writes them)")
+    width = modadd.site_width(model.cfg, site)
+    check(width == sae.d_in, f"--run {run}: site {site} has width {width}, but the SAE's d_in is {sae.d_in}")
+    check(width == x.shape[1], f"--acts {acts.path} has width {x.shape[1]}, but {site} of --run {run} has {width}")
+    for key in ("a", "b"):
+        check(key in acts.labels, f"--acts {acts.path} has no '{key}' tensor (02 writes a, b, c for modular addition)")
+    check(len(x) == p * p, f"--acts {acts.path} has {len(x)} rows, but p = {p} needs p^2 = {p * p}")
+    a, b = acts.labels["a"], acts.labels["b"]
+    tokens, labels = modadd.all_pairs(p)
+    order = a * p + b                                         # row n of acts is pair order[n]
+    toks, labs = tokens[order], labels[order]
+
+    def recon(z):
+        return sae.decode(sae.encode(z)).to(z.dtype)
+    held = ~acts.train
+    try:
+        keys = [int(k) for k in fourier["key_frequencies"]]
+    except (TypeError, ValueError):
+        raise UserError(f"{fj}: key_frequencies must be a list of integers")
+    return {"downstream": {"heldout": modadd_downstream(model, site, layer, recon, toks[held], labs[held]),
+                           "all": modadd_downstream(model, site, layer, recon, toks, labs),
+                           "site": site, "layer": layer,
+                           "zero_ablation": "the site's activation at `=` replaced by zeros"},
+            "fourier": fourier_metrics(sae, x, a, b, p, keys, l0, args.purity_threshold, args.n_random, args.seed,
+                                       min(args.n_purity_random, args.n_random)),
+            "run": str(run), "_inputs": {"run": str(run), "fourier_json": str(fj)}}
+
+
+def summary_line(out: Path, result: dict) -> str:
+    r, s = result["reconstruction"], result["sparsity"]
+    line = f"{out}: EV {r['explained_variance']:.4f}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.1%}"
+    d = result.get("downstream")
+    if d:
+        lr = d["heldout"]["loss_recovered"] if "heldout" in d else d.get("loss_recovered")
+        line += f", loss recovered {lr:.4f}"
+    f = result.get("fourier")
+    if f:
+        line += (f", pure {f['fraction_pure']:.2f} (rand {f['random_baseline']['fraction_pure']['mean']:.2f}), "
+                 f"coverage {f['key_coverage']:.2f}, MCC {f['mcc']:.3f} (rand {f['random_baseline']['mcc']['mean']:.3f}, "
+                 f"PCA {f['pca_baseline']['mcc']:.3f})")
+    return line
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     check(args.sae.is_dir(), f"--sae {args.sae} is not a directory")
     sae = SAE.load(args.sae, device="cpu")
-    kind, acts_path = resolve_acts(args.acts)
+    acts = open_acts(args.acts, args.split_seed)
+    check_width(acts, sae.d_in, f"the SAE {args.sae}")
     meta = sae.metadata
     sae_info = {"path": str(args.sae), "arch": sae.arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
                 "seed": meta.get("seed"), "hook_name": meta.get("hook_name"), "model_name": meta.get("model_name")}
-    result = {"sae": sae_info, "acts": str(acts_path), "inputs": {"sae": str(args.sae), "acts": str(acts_path)}}
-    figures = {}
-    title = f"{args.sae.name if args.sae.name else args.sae} ({sae.arch}, d_sae={sae.d_sae})"
-
-    if kind == "lm":
-        import lm                                            # lazily: only LM targets need it
-        x_held = lm.load_heldout_rows(acts_path, args.max_rows)
-        check(x_held.dim() == 2 and x_held.shape[1] == sae.d_in,
-              f"--acts {acts_path}: activations have width {x_held.shape[-1]}, but the SAE's d_in is {sae.d_in}")
-        x_held = x_held.float()
-        codes, x_hat = codes_and_recon(sae, x_held)
-        result.update(target="lm", split="lm.load_heldout_rows", rows={"heldout": len(x_held)},
-                      reconstruction=reconstruction_metrics(x_held, x_hat), sparsity=sparsity_metrics(codes))
-        down = dict(lm.lm_downstream(sae.to(device), acts_path, device, args.max_contexts))
-        if "loss_recovered" not in down and all(k in down for k in ("ce_clean", "ce_sae", "ce_zero")):
-            down["loss_recovered"] = M.loss_recovered(down["ce_clean"], down["ce_sae"], down["ce_zero"])
-        result["downstream"] = down
-        result["fourier"] = None
-        sae.cpu()
+    result = {"sae": sae_info, "acts": str(acts.path), "inputs": {"sae": str(args.sae), "acts": str(acts.path)}}
+    if acts.kind == "shards":
+        part, codes = lm_metrics(args, sae, acts, device)
     else:
-        data = load_acts_file(acts_path, args.split_seed)
-        x, train = data["x"], data["train"]
-        check(x.shape[1] == sae.d_in,
-              f"--acts {acts_path}: activations have width {x.shape[1]}, but the SAE {args.sae} has d_in {sae.d_in}")
-        x_held = x[~train][: args.max_rows]
-        codes, x_hat = codes_and_recon(sae, x_held)
-        side = data["sidecar"]
-        codes_all = codes_and_recon(sae, x)[0] if len(x) <= 200_000 else None
-        result.update(target=side.get("source", "generic"), split=data["split"],
-                      rows={"heldout": len(x_held), "total": len(x)},
-                      reconstruction=reconstruction_metrics(x_held, x_hat), sparsity=sparsity_metrics(codes))
-        if codes_all is not None:           # context for the held-out figure: rare latents miss a small hold-out
-            result["sparsity"]["dead_fraction_all_rows"] = M.dead_fraction(codes_all)
-            result["sparsity"]["all_rows"] = len(x)
-        del codes_all
-        result["inputs"]["acts_sha256"] = file_sha256(acts_path)
-        run = find_run(args, side)
-        if run is None:
-            result["downstream"] = result["fourier"] = None
-            result["notes"] = ["no model run (--run) given or found: downstream and Fourier metrics skipped"]
-        else:
-            import modadd
-            fj = run / "fourier.json"
-            check(fj.is_file(), f"--run {run} has no fourier.json (01_train_transformer.py writes it); "
-                                f"the Fourier metrics need its key_frequencies")
-            fourier = load_json(fj, "fourier.json")
-            check(isinstance(fourier, dict) and isinstance(fourier.get("key_frequencies"), list),
-                  f"{fj} has no key_frequencies list")
-            model, run_cfg = modadd.load_run(run)
-            p = model.cfg.p
-            site, layer = side.get("site"), side.get("layer")
-            check(site in modadd.SITES and isinstance(layer, int),
-                  f"--acts {acts_path}: its sidecar {acts_path.with_suffix('.json').name} does not name the "
-                  f"site and layer (02_extract_activations.py writes them)")
-            width = modadd.site_width(model.cfg, site)
-            check(width == sae.d_in, f"--run {run}: site {site} has width {width}, but the SAE's d_in is {sae.d_in}")
-            check(width == x.shape[1], f"--acts {acts_path} has width {x.shape[1]}, but {site} of --run {run} has {width}")
-            for key in ("a", "b"):
-                check(key in data, f"--acts {acts_path} has no '{key}' tensor (02 writes a, b, c for modular addition)")
-            check(len(x) == p * p, f"--acts {acts_path} has {len(x)} rows, but p = {p} needs p^2 = {p * p}")
-            a, b = data["a"], data["b"]
-            tokens, labels = modadd.all_pairs(p)
-            order = a * p + b                                         # row n of acts is pair order[n]
-            toks, labs = tokens[order], labels[order]
-
-            def recon(z):
-                return sae.decode(sae.encode(z)).to(z.dtype)
-            held = ~train
-            result["downstream"] = {
-                "heldout": modadd_downstream(model, site, layer, recon, toks[held], labs[held]),
-                "all": modadd_downstream(model, site, layer, recon, toks, labs),
-                "site": site, "layer": layer,
-                "zero_ablation": "the site's activation at `=` replaced by zeros"}
-            try:
-                keys = [int(k) for k in fourier["key_frequencies"]]
-            except (TypeError, ValueError):
-                raise UserError(f"{fj}: key_frequencies must be a list of integers")
-            result["fourier"] = fourier_metrics(sae, x, a, b, p, keys, result["sparsity"]["l0"],
-                                                args.purity_threshold, args.n_random, args.seed,
-                                                min(args.n_purity_random, args.n_random))
-            result["run"] = str(run)
-            result["inputs"].update(run=str(run), fourier_json=str(fj))
-    figures["density"] = str(density_histogram(codes, args.out.with_name(args.out.stem + "_density.png"), title))
-    result["figures"] = figures
+        part, codes = file_metrics(args, sae, acts)
+        result["inputs"]["acts_sha256"] = file_sha256(acts.path)
+    result["inputs"].update(part.pop("_inputs", {}))
+    result.update(part)
+    title = f"{args.sae.name if args.sae.name else args.sae} ({sae.arch}, d_sae={sae.d_sae})"
+    result["figures"] = {"density": str(density_histogram(codes, args.out.with_name(args.out.stem + "_density.png"), title))}
     result.update(provenance(args, seed=sae_info["seed"], baseline_seed=args.seed))
     save_json(result, args.out)
     if not args.quiet:
-        r, s = result["reconstruction"], result["sparsity"]
-        line = f"{args.out}: EV {r['explained_variance']:.4f}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.1%}"
-        d = result.get("downstream")
-        if d:
-            lr = d["heldout"]["loss_recovered"] if "heldout" in d else d.get("loss_recovered")
-            line += f", loss recovered {lr:.4f}"
-        f = result.get("fourier")
-        if f:
-            line += (f", pure {f['fraction_pure']:.2f} (rand {f['random_baseline']['fraction_pure']['mean']:.2f}), "
-                     f"coverage {f['key_coverage']:.2f}, MCC {f['mcc']:.3f} (rand {f['random_baseline']['mcc']['mean']:.3f}, "
-                     f"PCA {f['pca_baseline']['mcc']:.3f})")
-        print(line)
+        print(summary_line(args.out, result))
 
 
 if __name__ == "__main__":

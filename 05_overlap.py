@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 
-import metrics as M
-from common import ArgumentParser, UserError, check, load_json, load_tensors, provenance, run_main, save_figure, save_json
+from lib import metrics as M
+from lib.activations import check_width, encode_all, open_acts
+from lib.common import ArgumentParser, UserError, check, load_json, provenance, run_main, save_figure, save_json
 from sae import SAE
-
-CHUNK = 4096
 
 
 def parse_args(argv=None):
@@ -62,30 +61,6 @@ def acts_from_summary(sae_dir: Path) -> str | None:
         cfg = load_json(s, "SAE summary").get("config", {})
         return cfg.get("acts")
     return None
-
-
-def load_rows(path: Path, d_in: int, max_rows: int) -> torch.Tensor:
-    if path.is_dir():
-        if (path / "manifest.json").is_file():
-            import lm                                                 # LM activations (lm.py)
-            x = lm.load_heldout_rows(path, max_rows)
-            check(x.dim() == 2 and x.shape[1] == d_in, f"--acts {path}: width {x.shape[-1]} != the SAEs' d_in {d_in}")
-            return x.float()
-        path = path / "activations.safetensors"
-    check(path.is_file(), f"--acts {path} does not exist")
-    t = load_tensors(path, "--acts")
-    check("activations" in t and t["activations"].dim() == 2,
-          f"--acts {path} has no 2-D tensor named 'activations'")
-    x = t["activations"].float()
-    check(x.shape[1] == d_in, f"--acts {path} has width {x.shape[1]}, but the SAEs have d_in {d_in}")
-    if len(x) > max_rows:
-        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:max_rows]]
-    return x
-
-
-@torch.no_grad()
-def encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([sae.encode(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)])
 
 
 def pair_metrics(A: dict, B: dict, threshold: float, basis: torch.Tensor | None = None) -> dict:
@@ -176,7 +151,9 @@ def main(argv=None):
         check(len(found) == 1, "pass --acts: the SAEs' summary.json files " +
               ("name no activations file" if not found else f"name different activations ({', '.join(sorted(found))})"))
         acts = Path(found.pop())
-    x = load_rows(acts, d_in, args.max_rows)
+    data = open_acts(acts)
+    check_width(data, d_in, "the SAEs")
+    x = data.sample_rows(args.max_rows)
 
     names, infos = [], []
     for d, s in zip(args.saes, saes):
@@ -185,7 +162,8 @@ def main(argv=None):
         infos.append({"path": str(d), "arch": s.arch, "d_in": s.d_in, "d_sae": s.d_sae, "k": s.k, "seed": seed})
         if len(set(names)) < len(names):
             names[-1] = f"{names[-1]}#{len(names)}"
-    dicts = [{"dec": s.W_dec.detach().double(), "enc": s.W_enc.detach().T.double(), "codes": encode(s, x)} for s in saes]
+    dicts = [{"dec": s.W_dec.detach().double(), "enc": s.W_enc.detach().T.double(), "codes": encode_all(s, x)[0]}
+             for s in saes]
 
     comps, ratio, r = M.pca_basis(x, args.var_frac)
     basis = comps[:r]

@@ -131,7 +131,7 @@ for target in $TARGETS; do
             # gpt2 layer 6 only where its weights are in the local HF cache.
             if [[ "$target" == smollm2 ]]; then lm_model=smollm2; lm_layer=${LM_LAYER_SMOLLM2:-15}
             else lm_model=gpt2; lm_layer=${LM_LAYER_GPT2:-6}; fi
-            "$PY" lm.py fetch-corpus >/dev/null
+            "$PY" scripts/fetch_corpus.py --quiet
             acts=$RUNS/$target/acts/L${lm_layer}_resid_post
             if [[ ! -f "$acts/manifest.json" ]]; then
                 log "02 $target layer $lm_layer -> $acts"
@@ -152,5 +152,5 @@ done
 elapsed=$((SECONDS - START))
 excl=()
 [[ "$RESULTS" == results && -d results/quick ]] && excl=(--exclude results/quick)
-"$PY" report.py --results "$RESULTS" --elapsed "$elapsed" "${excl[@]}"
+"$PY" -m lib.report --results "$RESULTS" --elapsed "$elapsed" "${excl[@]}"
 log "done in ${elapsed}s; report: $RESULTS/REPORT.md"

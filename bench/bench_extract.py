@@ -16,6 +16,7 @@ Goals (issue): early stop >= 1.3x the full forward at a mid-depth layer; the pip
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -25,7 +26,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lm  # noqa: E402
+from lib import lm  # noqa: E402
+from lib.common import load_json  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("extract_acts", Path(__file__).resolve().parents[1] / "02_extract_activations.py")
+EXTRACT = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(EXTRACT)
 
 
 def timed(fn, reps):
@@ -78,12 +84,12 @@ def main():
     # forward + cast + shard writes, without model loading and tokenisation)
     def pipeline():
         with tempfile.TemporaryDirectory() as d:
-            lm.extract_main(["--model", a.model, *(["--gguf-file", a.gguf_file] if a.gguf_file else []),
+            EXTRACT.main(["--model", a.model, *(["--gguf-file", a.gguf_file] if a.gguf_file else []),
                              "--layer", str(layer), "--site", a.site, "--text", a.text, "--out", f"{d}/acts",
                              "--ctx-len", str(a.ctx_len), "--skip-first", "1",
                              "--tokens", str(a.contexts * (a.ctx_len - 1)),
                              "--batch-contexts", str(a.batch_contexts), "--shard-mb", "8", "--quiet"])
-            m = lm.load_json(Path(d) / "acts" / "manifest.json")
+            m = load_json(Path(d) / "acts" / "manifest.json")
             assert m["n_contexts"] == a.contexts, m["n_contexts"]
             return m["timing"]["loop_s"]
 

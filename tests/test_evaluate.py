@@ -6,16 +6,15 @@ import json
 import math
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import metrics as M
-import modadd
-from common import UserError, save_json, save_tensors
+from lib import metrics as M
+from lib import modadd
+from lib.common import UserError, save_json, save_tensors
 from conftest import write_acts
 from sae import SAE
 
@@ -184,25 +183,30 @@ def test_bad_input_is_one_line(tiny_run, tmp_path):
 
 
 def test_lm_branch_uses_lm_module(tmp_path, monkeypatch):
-    """An --acts directory with manifest.json goes through lm.load_heldout_rows / lm.lm_downstream."""
+    """An --acts directory with manifest.json gets its held-out rows from the opened shards
+    (lib.activations) and its downstream numbers from lib.lm.lm_downstream."""
+    from lib import activations, lm
     d = 8
     acts_dir = tmp_path / "lm_acts"
     acts_dir.mkdir()
     (acts_dir / "manifest.json").write_text("{}")
     x = torch.randn(50, d, generator=torch.Generator().manual_seed(0))
     calls = {}
-    fake = types.ModuleType("lm")
 
-    def load_heldout_rows(path, max_rows):
-        calls["rows"] = (Path(path), max_rows)
-        return x
+    class FakeShards(activations.Acts):
+        def heldout_rows(self, max_rows=None):
+            calls["rows"] = (Path(self.path), max_rows)
+            return x
+
+    def open_acts(path, split_seed=0):
+        return FakeShards("shards", Path(path), d, 500, 450, "fake split", {}, "0" * 64, 0)
 
     def lm_downstream(sae, path, device, max_contexts):
         calls["down"] = max_contexts
         return {"ce_clean": 2.0, "ce_sae": 2.5, "ce_zero": 7.0,
                 "loss_recovered": M.loss_recovered(2.0, 2.5, 7.0), "kl_sae": 0.4, "kl_zero": 5.0}
-    fake.load_heldout_rows, fake.lm_downstream = load_heldout_rows, lm_downstream
-    monkeypatch.setitem(sys.modules, "lm", fake)
+    monkeypatch.setattr(EVAL, "open_acts", open_acts)
+    monkeypatch.setattr(lm, "lm_downstream", lm_downstream)
     r = evaluate(tmp_path, identity_sae(d), acts_dir, "--max-rows", "50", "--max-contexts", "3")
     assert calls["rows"] == (acts_dir, 50) and calls["down"] == 3
     assert r["target"] == "lm" and r["fourier"] is None

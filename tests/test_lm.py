@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import run_main
+from lib.common import run_main
 from conftest import ROOT
 
-import lm
+from lib import activations as A
+from lib import lm
 
 ARCHS = ("gpt2", "llama", "qwen2")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -107,8 +108,8 @@ def call(fn, capsys, *args):
 
 
 def load_all(out):
-    m = lm.read_manifest(out)
-    parts = [lm.load_shard(out, m, i) for i in range(len(m["shards"]))]
+    m = A.read_manifest(out)
+    parts = [A.load_shard(out, m, i) for i in range(len(m["shards"]))]
     return m, {k: torch.cat([p[k] for p in parts]) for k in ("activations", "tokens", "context_index", "heldout",
                                                                "row_heldout")}
 
@@ -174,13 +175,13 @@ def test_shards_and_manifest_round_trip(arch, tiny, corpus, extract, tmp_path):
     ref = lm.hooked_forward(model, ctx[:40], 1, "resid_post")[:, 1:].reshape(-1, 32)
     torch.testing.assert_close(t["activations"][: 40 * P], ref)
     # the split: recorded per context, per shard and in total; held-out rows are those
-    held = lm.is_heldout(t["context_index"], 0.2, 0)
+    held = A.is_heldout_context(t["context_index"], 0.2, 0)
     assert torch.equal(t["heldout"], held) and 0 < int(held.sum()) < len(held)
     assert m["split"]["n_heldout_rows"] == int(held.sum()) * P
     assert m["split"]["n_train_rows"] + m["split"]["n_heldout_rows"] == m["token_count"]
-    hr = lm.load_heldout_rows(out, 10**9)
+    hr = A.load_heldout_rows(out, 10**9)
     assert hr.dtype == torch.float32 and torch.equal(hr, t["activations"][t["row_heldout"]])
-    assert len(lm.load_heldout_rows(out, 50)) == 50
+    assert len(A.load_heldout_rows(out, 50)) == 50
 
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
@@ -269,9 +270,9 @@ def test_sae_trains_on_streamed_shards_only_on_train_rows(tiny, corpus, extract,
                 "--shard-mb", 0.05, "--holdout-frac", 0.2, "--quiet")
     m, t = load_all(acts)
     train_rows = {tuple(r.tolist()) for r in t["activations"][~t["row_heldout"]]}
-    src = lm.ShardStream(acts, m, 256, seed=3, buffer_rows=600)
+    src = A.ShardStream(acts, m, 256, seed=3, buffer_rows=600)
     assert 1 < src.W < len(m["shards"])                           # a window of shards, not the whole set
-    again = lm.ShardStream(acts, m, 256, seed=3, buffer_rows=600)
+    again = A.ShardStream(acts, m, 256, seed=3, buffer_rows=600)
     steps = src.steps_in_pass(0) + 3
     seen = []
     for s in list(range(steps)) + [1, 0]:                         # any order: a pure function of the step
@@ -333,8 +334,8 @@ def test_manifest_with_missing_shards(tiny, corpus, extract, trainer, tmp_path, 
     next(acts.glob("shard-r00-00001.safetensors")).unlink()
     code, err = call(trainer.main, capsys, "--acts", acts, "--out", tmp_path / "sae")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "missing" in err and "shard-r00-00001" in err
-    with pytest.raises(lm.UserError, match="missing"):
-        lm.load_heldout_rows(acts, 10)
+    with pytest.raises(A.UserError, match="missing"):
+        A.load_heldout_rows(acts, 10)
 
 
 def test_modadd_mode_still_needs_run(extract, capsys):
@@ -371,7 +372,7 @@ def test_two_ranks_split_the_corpus(tiny, corpus, extract, tmp_path):
 def test_smollm2_end_to_end(tmp_path):
     corpus = ROOT / "data" / "corpus"
     if not (corpus / "SOURCE").is_file():
-        lm.fetch_corpus(corpus, quiet=True)
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_corpus.py"), "--quiet"], check=True)
     acts, sae_dir = tmp_path / "acts", tmp_path / "sae"
     py = sys.executable
     p = subprocess.run([py, str(ROOT / "02_extract_activations.py"), "--model", "smollm2", "--layer", "15",
@@ -382,13 +383,55 @@ def test_smollm2_end_to_end(tmp_path):
                         "--d-sae", "2304", "--k", "32", "--batch-size", "512", "--tokens", str(512 * 400),
                         "--lr", "1e-3", "--quiet"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    from metrics import explained_variance
+    from lib.metrics import explained_variance
     from sae import SAE
     sae = SAE.load(sae_dir)
-    x = lm.load_heldout_rows(acts, 20000)
+    x = A.load_heldout_rows(acts, 20000)
     with torch.no_grad():
         ev = explained_variance(x, sae.decode(sae.encode(x)))
     r = lm.lm_downstream(sae, acts, "cpu", 12)
     print(f"\nSmolLM2 L15 resid_post e2e: EV {ev:.3f}, {json.dumps(r)}")
     assert ev > 0.5
     assert r["loss_recovered"] > 0 and r["ce_clean"] < r["ce_sae"] < r["ce_zero"]
+
+
+# ----------------------------------------------------------------------------
+# 03 and 04 hold out the same rows, for both kinds of --acts input
+
+def _run_stage(script, *args):
+    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                       env=ENV, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["bare file", "lm shards"])
+def test_03_and_04_use_the_same_heldout_rows(kind, tiny, corpus, extract, tmp_path):
+    """03 evaluates its SAE on the held-out rows (summary.json) and 04 reports on them (eval.json):
+    through lib.activations both see the same rows, so the same SAE scores the same, to the bit.
+    Choosing other rows (another split seed for a bare file) changes the numbers."""
+    if kind == "bare file":
+        from safetensors.torch import save_file
+        from conftest import sparse_dictionary_data
+        acts = tmp_path / "bare.safetensors"
+        save_file({"activations": sparse_dictionary_data(n=3000, d=32, active=2)[0]}, str(acts))
+    else:
+        acts = tmp_path / "acts"
+        run_extract(extract, "--model", tiny["llama"], "--layer", 1, "--text", corpus, "--out", acts,
+                    "--ctx-len", 32, "--shard-mb", 0.05, "--holdout-frac", 0.2, "--quiet")
+    sae = tmp_path / "sae"
+    _run_stage("03_train_sae.py", "--acts", acts, "--out", sae, "--k", 4, "--expansion", 2, "--batch-size", 256,
+               "--tokens", 256 * 20, "--quiet")
+    _run_stage("04_evaluate.py", "--sae", sae, "--acts", acts, "--out", tmp_path / "eval.json", "--max-contexts", 2,
+               "--quiet")
+    s = json.loads((sae / "summary.json").read_text())["heldout"]
+    e = json.loads((tmp_path / "eval.json").read_text())
+    opened = A.open_acts(acts)
+    assert s["rows"] == e["rows"]["heldout"] == len(opened.heldout_rows()) > 0
+    assert s["ev"] == pytest.approx(e["reconstruction"]["explained_variance"], rel=1e-9, abs=1e-12)
+    assert s["mse"] == pytest.approx(e["reconstruction"]["mse"], rel=1e-6)
+    assert s["l0"] == pytest.approx(e["sparsity"]["l0"], rel=1e-9)
+    if kind == "bare file":
+        _run_stage("04_evaluate.py", "--sae", sae, "--acts", acts, "--out", tmp_path / "other.json",
+                   "--split-seed", 1, "--quiet")
+        other = json.loads((tmp_path / "other.json").read_text())
+        assert other["reconstruction"]["mse"] != e["reconstruction"]["mse"]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import metrics as M
+from lib import metrics as M
 
 
 def test_reconstruction_metrics_known_values():

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import modadd
-from common import load_tensors
+from lib import modadd
+from lib.common import load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import metrics as M
-from common import UserError
+from lib import metrics as M
+from lib.common import UserError
 from conftest import write_acts
 from sae import SAE
 

@@ -47,7 +47,7 @@ def test_report_tables_and_checks(tmp_path):
     q = res / "quick" / "modadd" / "seed42" / "eval" / "topk_seed1" / "eval.json"
     q.parent.mkdir(parents=True)
     q.write_text(json.dumps({**fake_eval("topk", 1, 0.1, 8.0, 0.5, 0.2, 0.2), "run": "runs/quick/modadd/seed42"}))
-    out = subprocess.run([sys.executable, str(ROOT / "report.py"), "--results", str(res), "--elapsed", "90",
+    out = subprocess.run([sys.executable, "-m", "lib.report", "--results", str(res), "--elapsed", "90",
                           "--exclude", str(res / "quick")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     md = (res / "REPORT.md").read_text()
@@ -60,7 +60,7 @@ def test_report_tables_and_checks(tmp_path):
     for s in (42, 123):
         p = res / "modadd" / "seed42" / "eval" / f"topk_seed{s}" / "eval.json"
         p.write_text(json.dumps(fake_eval("topk", s, 0.85, 60.0, 0.2, 0.30, 0.29)))
-    subprocess.run([sys.executable, str(ROOT / "report.py"), "--results", str(res), "--exclude", str(res / "quick")],
+    subprocess.run([sys.executable, "-m", "lib.report", "--results", str(res), "--exclude", str(res / "quick")],
                    check=True, capture_output=True, cwd=ROOT, timeout=120)
     md = (res / "REPORT.md").read_text()
     for what in ("EV > 0.9", "L0 within 10-50", "dead < 10%", "Fourier-recovery MCC"):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common import load_tensor_metadata
+from lib.common import load_tensor_metadata
 from conftest import ROOT, sparse_dictionary_data, write_acts
 from sae import SAE
 
@@ -205,7 +205,7 @@ def test_two_processes_match_one(k2, tmp_path):
 # bad input: one line, exit 2, nothing written or overwritten
 
 def call(trainer, capsys, *args):
-    from common import run_main
+    from lib.common import run_main
     with pytest.raises(SystemExit) as e:
         run_main(lambda: trainer.main([str(a) for a in args]))
     err = capsys.readouterr().err

@@ -204,7 +204,7 @@ def load_run(run_dir, map_location="cpu") -> tuple[Transformer, dict]:
     """Load a trained model from a 01 run directory (safetensors + JSON only)."""
     from pathlib import Path
 
-    from common import UserError, check, load_json, load_tensors
+    from lib.common import UserError, check, load_json, load_tensors
     run_dir = Path(run_dir)
     check(run_dir.is_dir(), f"--run {run_dir} is not a directory")
     cfg_json = load_json(run_dir / "config.json", "run config")

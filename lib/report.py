@@ -1,6 +1,6 @@
 """Write results/REPORT.md from the eval.json (04) and overlap.json (05) files under --results.
 
-    python report.py --results results [--out results/REPORT.md] [--elapsed SECONDS]
+    python -m lib.report --results results [--out results/REPORT.md] [--elapsed SECONDS]
 
 One table per (target, model run): a row per architecture with mean +- std over SAE seeds of
 EV, L0, dead %, dense %, loss recovered, and the Fourier purity / key coverage / recovery MCC
@@ -16,7 +16,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from common import ArgumentParser, check, load_json, run_main
+from lib.common import ArgumentParser, check, load_json, run_main
 
 ARCH_ORDER = ["topk", "batchtopk", "relu", "jumprelu"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]      # the repository: lib/ lives in it
 
 
 # ----------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     h = hashlib.sha1()
-    for p in sorted(ROOT.glob("*.py")):
+    for p in sorted([*ROOT.glob("*.py"), *ROOT.glob("lib/*.py")]):
         h.update(p.read_bytes())
     return "src-" + h.hexdigest()[:12]
 
@@ -237,6 +237,35 @@ class Dist:
             import torch.distributed as dist
             dist.all_reduce(t)
         return t
+
+    def all_reduce_min_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t
+
+    def average_gradients_(self, params) -> None:
+        """Data parallel: every process's gradients become their mean over processes. What
+        DDP does, written out: one flat bucket, one all-reduce per step (a parameter without
+        a gradient this step counts as zeros, so every process sends the same layout)."""
+        if self.world_size == 1:
+            return
+        params = list(params)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = self.all_reduce_mean_(torch.cat([p.grad.reshape(-1) for p in params]))
+        i = 0
+        for p in params:
+            p.grad.copy_(flat[i:i + p.numel()].view_as(p.grad))
+            i += p.numel()
+
+    def broadcast_(self, tensors, src: int = 0) -> None:
+        """Every process gets rank src's values (the same initial weights everywhere)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+            for t in tensors:
+                dist.broadcast(t, src)
 
     def barrier(self):
         if self.world_size > 1:

@@ -134,7 +134,7 @@ def latent_frequency_purity(acts: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     share of its non-constant variance carried by one frequency k, counting the 2-D DFT terms
     in a (k, 0), in b (0, k) and the products (k, k), which span cos/sin k(a + b) and k(a - b).
     Returns (purity [L], best k [L], alive [L] = the latent varies over the grid)."""
-    import modadd
+    from lib import modadd
     grids = latent_grids(acts, a, b, p)
     alive = grids.reshape(len(grids), -1).std(-1) > 1e-9
     purity = torch.zeros(len(grids), dtype=torch.float64)

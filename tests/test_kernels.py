@@ -1,0 +1,76 @@
+"""lib/kernels.py, the fast path of sae.py: it equals the plain path in values and gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib import kernels
+from lib.kernels import topk_relu
+from test_sae import data, make
+
+
+@pytest.mark.parametrize("n,d,k", [(64, 1024, 32), (50, 256, 8), (10, 64, 16), (1, 4096, 512), (7, 48, 5)])
+def test_topk_relu_is_relu_of_torch_topk(n, d, k):
+    pre = torch.randn(n, d, generator=torch.Generator().manual_seed(d))
+    pre[0, : d - k // 2] = -1.0 - torch.rand(d - k // 2)   # a row with fewer than k positives
+    v, i = topk_relu(pre, k)
+    ref = torch.zeros_like(pre).scatter_(1, pre.topk(k, dim=-1).indices, pre.topk(k, dim=-1).values.relu())
+    got = torch.zeros_like(pre).scatter_(1, i, v)
+    assert torch.equal(got, ref)
+    assert (v >= 0).all() and torch.equal(pre.gather(1, i).relu(), v)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_path_matches_dense_path(arch):
+    """Same losses and gradients from the embedding_bag / CSR path as from dense autograd,
+    AuxK included (a few dead latents -> dense sub-dictionary; many -> CSR)."""
+    x = data(300)
+    for n_dead in (20, 100):
+        a, b = make(arch), make(arch, sparse=False)
+        assert a.use_sparse(x) and not b.use_sparse(x)
+        dead = torch.zeros(a.d_sae, dtype=torch.bool)
+        dead[torch.randperm(a.d_sae, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
+        oa, ob = a(x, dead_mask=dead), b(x, dead_mask=dead)
+        assert oa.losses.keys() == ob.losses.keys() == {"mse", "auxk_loss"}
+        for name in oa.losses:
+            assert torch.allclose(oa.losses[name], ob.losses[name], rtol=1e-5, atol=1e-7), name
+        assert torch.equal(oa.code(), ob.acts)
+        assert torch.equal(oa.fired, ob.fired) and oa.l0 == ob.l0
+        oa.loss.backward()
+        ob.loss.backward()
+        for name, p in a.named_parameters():
+            q = dict(b.named_parameters())[name]
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_encode_kernel_equals_autograd_of_the_formula():
+    """kernels.encode: (x - b_dec) @ W_enc + b_enc, with b_dec's gradient as a mat-vec; the same
+    values and gradients as autograd through the formula written out."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 16, generator=g, requires_grad=True)
+    W, b, c = (torch.randn(16, 40, generator=g), torch.randn(40, generator=g), torch.randn(16, generator=g))
+    ours = [t.clone().requires_grad_() for t in (W, b, c)]
+    ref = [t.clone().requires_grad_() for t in (W, b, c)]
+    x2 = x.detach().clone().requires_grad_()
+    up = torch.randn(50, 40, generator=g)
+    (kernels.encode(x, *ours) * up).sum().backward()
+    ((x2 - ref[2]) @ ref[0] + ref[1]).mul(up).sum().backward()
+    assert torch.allclose(kernels.encode(x, *ours), (x2 - ref[2]) @ ref[0] + ref[1], atol=1e-5)
+    for a, r in zip(ours, ref):
+        assert torch.allclose(a.grad, r.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    # no b_dec: a plain affine map
+    assert torch.allclose(kernels.encode(x, W, b, None), x @ W + b, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_fast_path_in_eval_mode_is_the_inference_code(arch):
+    """In eval mode the sparse step gives exactly encode()'s code and decode()'s reconstruction."""
+    sae = make(arch, sparse=True)
+    sae.eval()
+    x = data(120)
+    with torch.no_grad():
+        out = sae(x)
+        assert torch.equal(out.code() > 0, sae.encode(x) > 0)
+        assert torch.allclose(out.code(), sae.encode(x), atol=1e-6)
+        assert torch.allclose(out.x_hat, sae.decode(sae.encode(x)), atol=1e-5)
