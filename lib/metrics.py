@@ -292,3 +292,118 @@ def pca_basis(x: torch.Tensor, var_frac: float = 0.99) -> tuple[torch.Tensor, to
     ratio = S.pow(2) / S.pow(2).sum().clamp_min(1e-30)
     r = int((ratio.cumsum(0) < var_frac - 1e-12).sum()) + 1
     return Vh, ratio, min(r, len(ratio))
+
+
+# ----------------------------------------------------------------------------
+# Ground-truth feature recovery (modular addition; lib/ground_truth.py supplies the feature sets).
+# gt: [n, d] rows, one per value of a table's variable; dec: [m, d] decoder rows. Signed cosines
+# throughout: SAE codes are >= 0, so a latent only ever writes +row; -row is a different feature.
+
+def best_feature_match(gt: torch.Tensor, dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per ground-truth row i: (max_j cos(gt_i, dec_j), argmax_j). [n], [n]."""
+    if len(dec) == 0:
+        return torch.full((len(gt),), float("-inf"), dtype=torch.float64), torch.zeros(len(gt), dtype=torch.long)
+    best = cosine_matrix(gt, dec).max(1)
+    return best.values, best.indices
+
+
+def recovery_fraction(gt: torch.Tensor, dec: torch.Tensor, threshold: float = 0.9) -> float:
+    """Fraction of ground-truth rows recovered: (1/n) sum_i 1[max_j cos(gt_i, dec_j) > threshold]."""
+    best, _ = best_feature_match(gt, dec)
+    return float((best > threshold).double().mean()) if len(gt) else float("nan")
+
+
+def feature_mcc(gt: torch.Tensor, dec: torch.Tensor) -> float:
+    """MCC of a feature table: (1/n) sum_{(i, j) in H} cos(gt_i, dec_j), H the one-to-one (Hungarian)
+    matching of the n ground-truth rows to decoder rows maximising the total signed cosine.
+    Equals hungarian_mcc(gt, dec) when m >= n; when the decoder has fewer rows (m < n) the n - m
+    unmatched ground-truth rows count 0 here (a smaller dictionary cannot hold the whole table)."""
+    if len(gt) == 0:
+        return float("nan")
+    if len(dec) == 0:
+        return 0.0
+    C = cosine_matrix(gt, dec)
+    r, c = hungarian_match(C)
+    return float(C[r, c].sum() / len(gt))
+
+
+def latent_selectivity(acts: torch.Tensor, values: torch.Tensor, p: int) -> torch.Tensor:
+    """Per latent l: sel_l = max_v S_lv / sum_n f_nl, with S_lv = sum_{n: v in values_n} f_nl, the
+    share of its activation mass on its best value v of the variable. acts [N, L] non-negative codes;
+    values [N] (one variable, e.g. c) or [N, k] (a row holds value v when any of its k entries is v,
+    counted once; e.g. (a, b) for the operand table). NaN for latents that never fire.
+    One value only -> 1; even mass over a single variable on a balanced set of rows -> 1 / p."""
+    f = acts.double()
+    if bool((f < 0).any()):
+        raise ValueError("latent_selectivity needs non-negative codes")
+    values = values.long()
+    if values.ndim == 1:
+        values = values[:, None]
+    if len(values) != len(f):
+        raise ValueError(f"values has {len(values)} rows, acts {len(f)}")
+    S = torch.zeros(p, f.shape[1], dtype=torch.float64)
+    seen = torch.zeros_like(values[:, 0], dtype=torch.bool)
+    for j in range(values.shape[1]):
+        v = values[:, j]
+        new = torch.ones_like(seen)
+        for i in range(j):                      # a value already counted on this row is not counted again
+            new &= values[:, i] != v
+        S.index_add_(0, v[new], f[new])
+    tot = f.sum(0)
+    sel = S.max(0).values / tot.clamp_min(1e-300)
+    return torch.where(tot > 0, sel, torch.full_like(sel, float("nan")))
+
+
+def mean_selectivity(acts: torch.Tensor, values: torch.Tensor, p: int) -> float:
+    """Mean of latent_selectivity over the latents that fire (NaN if none does)."""
+    sel = latent_selectivity(acts, values, p)
+    sel = sel[~torch.isnan(sel)]
+    return float(sel.mean()) if len(sel) else float("nan")
+
+
+def plane_share(dec: torch.Tensor, planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation-invariant Fourier view. planes [K, 2, d]: orthonormal rows per plane (a zero row for a
+    1-D plane; ground_truth.planes builds them). Per decoder row u: share(u) = max_k ||P_k u||^2 / ||u||^2
+    = max_k sum_r <q_kr, u>^2 / ||u||^2, the share of its energy inside a single key-frequency plane.
+    Returns (share [m], index of the best plane [m]). Chance for an isotropic unit row in R^d: E ||P_k u||^2 = 2 / d."""
+    U = _unit(dec)
+    if len(planes) == 0:
+        return torch.zeros(len(U), dtype=torch.float64), torch.zeros(len(U), dtype=torch.long)
+    e = torch.einsum("krd,md->mkr", planes.double(), U).pow(2).sum(-1)     # [m, K]
+    best = e.max(1)
+    return best.values, best.indices
+
+
+def seed_agreement(gt: torch.Tensor, decoders, threshold: float = 0.9) -> dict:
+    """Do several SAEs (decoders, a list of [m_s, d]) recover the same ground-truth features?
+    Decoder s recovers row i when max_j cos(gt_i, dec_s_j) > threshold; its matched latent is that argmax.
+    - per pair (s, t): both = (1/n) sum_i 1[recovered by s and by t];
+      pw_mcc_gt = mean over the rows both recover of cos(dec_s[match_s(i)], dec_t[match_t(i)])
+      (NaN when they share none);
+    - every = (1/n) sum_i 1[recovered by every decoder];
+    - mean_both, mean_pw_mcc_gt: means over the pairs (pw_mcc_gt over the pairs where it is defined)."""
+    rec, idx = [], []
+    for D in decoders:
+        best, j = best_feature_match(gt, D)
+        rec.append(best > threshold)
+        idx.append(j)
+    n = len(gt)
+    pairs = []
+    for s in range(len(decoders)):
+        for t in range(s + 1, len(decoders)):
+            both = rec[s] & rec[t]
+            if bool(both.any()):
+                us = _unit(decoders[s][idx[s][both]])
+                ut = _unit(decoders[t][idx[t][both]])
+                pw = float((us * ut).sum(1).mean())
+            else:
+                pw = float("nan")
+            pairs.append({"a": s, "b": t, "both": float(both.double().sum() / max(n, 1)),
+                          "n_both": int(both.sum()), "pw_mcc_gt": pw})
+    every = torch.stack(rec).all(0) if rec else torch.zeros(n, dtype=torch.bool)
+    pw_def = [q["pw_mcc_gt"] for q in pairs if q["pw_mcc_gt"] == q["pw_mcc_gt"]]
+    return {"recovered": [float(r.double().mean()) for r in rec], "pairs": pairs,
+            "every": float(every.double().mean()) if n else float("nan"),
+            "mean_both": sum(q["both"] for q in pairs) / len(pairs) if pairs else float("nan"),
+            "mean_pw_mcc_gt": sum(pw_def) / len(pw_def) if pw_def else float("nan"),
+            "threshold": threshold}
