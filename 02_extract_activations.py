@@ -11,7 +11,10 @@ a*p + b: a safetensors file with
   a, b, c      int64 [p^2]   the inputs and the answer, for 04's ground-truth scoring
   train_mask   bool [p^2]    a seeded SAE-train / held-out split (--holdout-frac, default 0.1)
 plus a JSON sidecar (same name, .json) with the source run, site, layer, shape, dtype, seed
-and code version.
+and code version, and the site's ground truth measured over the full grid (lib/ground_truth.py):
+<stem>.ground_truth.safetensors + .json, the value tables of the operands, the answer and every
+other line of the grid, their variance shares, ranks and key frequencies; 04 and 05 score SAEs
+against the rows of the material ones.
 
 A language model (--model: any Hugging Face causal LM, GPT-2, Llama / SmolLM, Qwen2, ...):
 
@@ -44,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from lib import lm, modadd
+from lib import ground_truth, lm, modadd
 from lib.activations import MANIFEST, is_heldout_context, read_tensors
 from lib.common import (ROOT, ArgumentParser, Dist, check, file_sha256, load_tensor_metadata, provenance, run_main,
                         save_json, save_tensors)
@@ -158,8 +161,14 @@ def extract_modadd(args):
                   "train_mask": train_mask}, args.out,
                  metadata={"site": args.site, "layer": str(layer), "code_version": sidecar["code_version"]})
     save_json(sidecar, args.out.with_suffix(".json"))
+    if float(acts.double().var(0).sum()) > 0:              # (resid_pre at `=` is the same for every input)
+        gt = ground_truth.fit_value_tables(acts, tokens[:, 0], tokens[:, 1], cfg.p)
+        ground_truth.save_ground_truth(gt, ground_truth.ground_truth_path(args.out))
+        shares = ", ".join(f"{n} {gt.info['tables'][n]['share']:.1%}" for n in gt.features) or "no material table"
+    else:
+        shares = "none (the site is constant over the inputs)"
     print(f"{args.out}: {tuple(acts.shape)} at {args.site} layer {layer} "
-          f"({sidecar['n_train']} SAE-train / {sidecar['n_holdout']} held-out rows)")
+          f"({sidecar['n_train']} SAE-train / {sidecar['n_holdout']} held-out rows); ground truth: {shares}")
 
 
 # ----------------------------------------------------------------------------

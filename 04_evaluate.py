@@ -12,15 +12,19 @@ Every number is one function of metrics.py (formula in its docstring):
   downstream      (--run, modular addition) accuracy, CE and KL to the clean logits with the
                   SAE's reconstruction spliced in at its site, against the clean model and zero
                   ablation: loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)
-  fourier         (--run, modular addition) per latent its frequency purity over the p x p grid
-                  (modadd.grid_frequency_purity), the fraction of alive latents with purity >= 0.8,
-                  the key-frequency coverage (fourier.json), and the Fourier-recovery MCC (ground-truth
-                  cos/sin directions matched one to one to decoder rows, mean |cos|); each beside the
-                  same number for random-decoder SAEs of the same shape and for the PCA basis.
+  ground truth    (modular addition: activations over the full p x p grid with a, b) against the
+                  site's ground-truth features (lib/ground_truth.py, written by 02 beside the
+                  activations: the rows of the value tables, operand and answer, that carry >= 2% of
+                  the variance), per feature set: Hungarian MCC of table rows vs decoder rows
+                  (signed cosine), the fraction recovered (a decoder row at cos > 0.9), latent
+                  selectivity (share of a latent's activation mass on its best value), and the
+                  rotation-invariant Fourier view (per decoder row, the share of its energy inside
+                  one key-frequency plane of the table); each beside random decoders (isotropic, and
+                  isotropic inside the data's 99%-variance subspace) and the signed PCA basis.
 
 --acts is opened by lib/activations.py (any of its three kinds, with the held-out rows 03 held out);
 a directory with manifest.json (language-model shards) gets its downstream numbers from
-lib.lm.lm_downstream and no Fourier metrics.
+lib.lm.lm_downstream and no ground-truth metrics.
 SAEs in SAELens's layout (sae_weights.safetensors + cfg.json) load through sae.SAE.load.
 """
 from __future__ import annotations
@@ -30,9 +34,10 @@ from pathlib import Path
 
 import torch
 
+from lib import ground_truth as G
 from lib import metrics as M
 from lib.activations import Acts, check_width, encode_all, open_acts
-from lib.common import (ArgumentParser, UserError, check, file_sha256, load_json, pick_device, provenance, run_main,
+from lib.common import (ArgumentParser, check, file_sha256, pick_device, provenance, run_main,
                         save_figure, save_json)
 from sae import SAE
 
@@ -46,25 +51,23 @@ def parse_args(argv=None):
                     help="activations .safetensors (02), a directory holding activations.safetensors, "
                          "or an LM activations directory with manifest.json")
     ap.add_argument("--run", type=Path, default=None,
-                    help="modular-addition model directory (01) for downstream and Fourier metrics "
+                    help="modular-addition model directory (01) for the downstream metrics "
                          "(default: the run named in the activations' sidecar, if it exists)")
-    ap.add_argument("--no-model", action="store_true", help="skip downstream and Fourier metrics")
+    ap.add_argument("--no-model", action="store_true", help="skip the downstream metrics")
     ap.add_argument("--out", type=Path, required=True, help="eval.json to write")
     ap.add_argument("--split-seed", type=int, default=0,
                     help="seeded 10%% hold-out when the activations have no train_mask (as 03)")
     ap.add_argument("--max-rows", type=int, default=100_000, help="at most this many held-out rows")
     ap.add_argument("--max-contexts", type=int, default=256, help="LM: contexts for the downstream metrics")
-    ap.add_argument("--purity-threshold", type=float, default=0.8)
-    ap.add_argument("--n-random", type=int, default=5, help="random-decoder SAEs drawn for the MCC baseline")
-    ap.add_argument("--n-purity-random", type=int, default=1,
-                    help="of those, how many also give the purity / coverage baseline (a DFT of every latent)")
+    ap.add_argument("--recovery-cos", type=float, default=0.9, help="a feature is recovered above this cosine")
+    ap.add_argument("--n-random", type=int, default=3, help="random decoders drawn per chance level")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random baselines")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     check(args.out.suffix == ".json", f"--out {args.out} must be a .json file")
     check(args.max_rows > 0, "--max-rows must be > 0")
-    check(0 < args.purity_threshold <= 1, "--purity-threshold must be in (0, 1]")
+    check(0 < args.recovery_cos < 1, "--recovery-cos must be in (0, 1)")
     check(args.n_random >= 1, "--n-random must be >= 1")
     return args
 
@@ -143,64 +146,44 @@ def random_decoder_sae(sae: SAE, x: torch.Tensor, k: int, g: torch.Generator) ->
 
 
 @torch.no_grad()
-def fourier_metrics(sae: SAE, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: int, keys: list,
-                    l0: float, threshold: float, n_random: int, seed: int, n_purity_random: int = 1) -> dict:
-    """Purity, key coverage and Fourier-recovery MCC for the SAE, random-decoder SAEs and the PCA basis,
-    all over the full p x p grid of inputs."""
-    def scores(codes, W_dec, names=None):
-        pur, kk, alive = M.latent_frequency_purity(codes, a, b, p)
-        s = M.purity_summary(pur, kk, alive, keys, threshold)
-        s["mcc"] = M.hungarian_mcc(gt, W_dec, signed=False) if len(keys) else float("nan")
-        return s, pur, kk, alive
-
-    gt, gt_names = M.fourier_directions(x, a, b, p, keys) if keys else (torch.zeros(0, x.shape[1]), [])
+def ground_truth_metrics(sae: SAE, acts: Acts, gt: G.GroundTruth, l0: float, n_random: int, seed: int,
+                         threshold: float) -> dict:
+    """The SAE against the site's ground-truth features, over the full grid, beside chance."""
+    x, a, b = acts.x, acts.labels["a"], acts.labels["b"]
     codes, _ = encode_all(sae, x)
-    mine, pur, kk, alive = scores(codes, sae.W_dec.detach())
-    # Which ground-truth direction each matched decoder row took, for the reader.
-    if len(keys):
-        C = M.cosine_matrix(gt, sae.W_dec.detach()).abs()
-        r, c = M.hungarian_match(C)
-        mine["matched"] = [{"direction": gt_names[i], "latent": int(j), "abs_cos": round(float(C[i, j]), 4)}
-                           for i, j in zip(r.tolist(), c.tolist())]
-
-    g = torch.Generator().manual_seed(seed)
-    rand = []
-    for i in range(n_random):
-        rs = random_decoder_sae(sae, x, int(round(l0)), g)
-        if i < n_purity_random:           # purity needs a DFT of every latent: fewer draws
-            rc, _ = encode_all(rs, x)
-            rand.append(scores(rc, rs.W_dec)[0])
-        else:
-            rand.append({"mcc": M.hungarian_mcc(gt, rs.W_dec, signed=False) if len(keys) else float("nan")})
-    def avg(key):
-        v = [s[key] for s in rand if key in s]
-        return {"mean": float(sum(v) / len(v)), "max": float(max(v)), "n": len(v)}
-    random_baseline = {"fraction_pure": avg("fraction_pure"), "key_coverage": avg("key_coverage"),
-                       "mean_purity": avg("mean_purity"), "mcc": avg("mcc"),
-                       "what": "TopK SAEs of the same shape, k = round(L0) of the evaluated SAE, random unit "
-                               "decoder rows (isotropic), W_enc = W_dec^T, b_dec = data mean"}
-
-    comps, ratio, r99 = M.pca_basis(x)
-    X = x.double() - x.double().mean(0)
-    pc_scores = X @ comps[:r99].T                                 # [p^2, r99]
-    pca, _, _, _ = scores(pc_scores, comps)
-    pca_baseline = {"fraction_pure": pca["fraction_pure"], "key_coverage": pca["key_coverage"], "mcc": pca["mcc"],
-                    "mean_purity": pca["mean_purity"],
-                    "n_components_99": r99,
-                    "what": "purity/coverage: scores on the top-r principal components (99% of variance); "
-                            "MCC: all d_in principal directions as the decoder"}
-
-    return {"p": p, "key_frequencies": list(keys), "purity_threshold": threshold,
-            "fraction_pure": mine["fraction_pure"], "key_coverage": mine["key_coverage"], "mcc": mine["mcc"],
-            "mean_purity": mine["mean_purity"], "purity_quantiles": mine["purity_quantiles"],
-            "n_alive_on_grid": mine["n_alive"], "n_pure": mine["n_pure"], "keys_covered": mine["keys_covered"],
-            "pure_latents_per_frequency": mine["pure_latents_per_frequency"],
-            "mcc_definition": "ground-truth directions (least squares, cos/sin of k a, k b, k(a+b) per key k) "
-                              "matched one to one (Hungarian) to decoder rows on |cos|; mean matched |cos|",
-            "n_ground_truth_directions": len(gt), "matched": mine.get("matched", []),
-            "random_baseline": random_baseline, "pca_baseline": pca_baseline,
-            "per_latent": {"purity": [round(float(v), 4) for v in pur], "k": [int(v) for v in kk],
-                           "alive": [bool(v) for v in alive]}}
+    W = sae.W_dec.detach().double()
+    mine = G.score_decoder(gt, W, acts=codes, a=a, b=b, threshold=threshold)
+    for name, F in G.ground_truth_features(gt).items():       # per feature: its best latent and cosine
+        best, idx = M.best_feature_match(F, W)
+        mine[name]["best_cos"] = [round(float(v), 4) for v in best]
+        mine[name]["best_latent"] = [int(v) for v in idx]
+    chance = G.chance_levels(gt, x, sae.d_sae, seeds=range(seed, seed + n_random), threshold=threshold)
+    # selectivity at chance: a TopK SAE with random unit decoder rows and k = round(L0); the signed PCA codes
+    rs = random_decoder_sae(sae, x, int(round(l0)), torch.Generator().manual_seed(seed))
+    rand_codes, _ = encode_all(rs, x)
+    Vh, _, _ = M.pca_basis(x)
+    proj = (x.double() - x.double().mean(0)) @ Vh.T
+    pca_codes = torch.cat([proj, -proj], 1).relu()
+    for name in gt.features:
+        vals = G.feature_values(gt, name, a, b)
+        chance["random_isotropic"][name]["selectivity"] = M.mean_selectivity(rand_codes, vals, gt.p)
+        chance["pca_signed"][name]["selectivity"] = M.mean_selectivity(pca_codes, vals, gt.p)
+    return {"p": gt.p, "features": gt.features, "recovery_cos": threshold,
+            "tables": {n: {k: gt.info["tables"][n][k] for k in ("share", "rank", "key_frequencies")}
+                       for n in gt.info["tables"]},
+            "additive_share": gt.info.get("additive_share"), "sae": mine, "chance": chance,
+            "definitions": {"mcc": "Hungarian matching of table rows to decoder rows on the signed cosine; "
+                                   "mean matched cosine over the table's rows",
+                            "recovered": f"fraction of table rows with some decoder row at cos > {threshold}",
+                            "selectivity": "per latent that fires, the share of its activation mass on its "
+                                           "best value of the table's variable; mean over latents",
+                            "plane_share": "per decoder row, the largest share of its energy inside one "
+                                           "key-frequency plane of the table; mean over rows",
+                            "chance": "random_isotropic / random_pca_subspace: random unit decoder rows of the "
+                                      "SAE's shape, isotropic / inside the top-r principal subspace (99% of "
+                                      "variance), averaged over --n-random draws; pca_signed: the principal "
+                                      "directions and their negatives; selectivity at chance: a TopK SAE with "
+                                      "random decoder rows (k = round(L0)) and the signed PCA codes"}}
 
 
 # ----------------------------------------------------------------------------
@@ -224,7 +207,7 @@ def lm_metrics(args, sae: SAE, acts: Acts, device) -> dict:
     codes, x_hat = encode_all(sae, x_held)
     res = {"target": "lm", "split": acts.split, "rows": {"heldout": len(x_held)},
            "reconstruction": reconstruction_metrics(x_held, x_hat), "sparsity": sparsity_metrics(codes),
-           "fourier": None}
+           "ground_truth": None}
     down = dict(lm.lm_downstream(sae.to(device), acts.path, device, args.max_contexts))
     sae.cpu()
     if "loss_recovered" not in down and all(k in down for k in ("ce_clean", "ce_sae", "ce_zero")):
@@ -234,34 +217,41 @@ def lm_metrics(args, sae: SAE, acts: Acts, device) -> dict:
 
 
 def file_metrics(args, sae: SAE, acts: Acts) -> dict:
-    """An activations file: held-out rows, the dead fraction on all rows, and (given the
-    modular-addition run) downstream and Fourier metrics over the full grid."""
+    """An activations file: held-out rows and the dead fraction on all rows; for modular addition
+    (a and b over the full grid) the ground-truth metrics, and (given the run) the downstream ones."""
     x_held = acts.heldout_rows(args.max_rows)
     check(len(x_held) > 0, f"--acts {acts.path}: no held-out rows (train_mask is all True)")
     codes, x_hat = encode_all(sae, x_held)
     res = {"target": acts.sidecar.get("source", "generic"), "split": acts.split,
            "rows": {"heldout": len(x_held), "total": acts.n_rows},
-           "reconstruction": reconstruction_metrics(x_held, x_hat), "sparsity": sparsity_metrics(codes)}
+           "reconstruction": reconstruction_metrics(x_held, x_hat), "sparsity": sparsity_metrics(codes),
+           "downstream": None, "ground_truth": None, "_inputs": {}}
     if acts.n_rows <= 200_000:          # context for the held-out figure: rare latents miss a small hold-out
         res["sparsity"]["dead_fraction_all_rows"] = M.dead_fraction(encode_all(sae, acts.x)[0])
         res["sparsity"]["all_rows"] = acts.n_rows
+    notes = []
+    if {"a", "b"} <= set(acts.labels):
+        gt, where = G.load_or_fit(acts)
+        res["ground_truth"] = ground_truth_metrics(sae, acts, gt, res["sparsity"]["l0"], args.n_random, args.seed,
+                                                   args.recovery_cos)
+        res["_inputs"]["ground_truth"] = where
+    else:
+        notes.append("the activations carry no a, b labels: no ground-truth metrics")
     run = find_run(args, acts.sidecar)
     if run is None:
-        res["downstream"] = res["fourier"] = None
-        res["notes"] = ["no model run (--run) given or found: downstream and Fourier metrics skipped"]
+        notes.append("no model run (--run) given or found: downstream metrics skipped")
     else:
-        res.update(modadd_metrics(args, sae, acts, run, res["sparsity"]["l0"]))
+        res["downstream"] = modadd_downstream_metrics(sae, acts, run)
+        res["run"] = str(run)
+        res["_inputs"]["run"] = str(run)
+    if notes:
+        res["notes"] = notes
     return res, codes
 
 
-def modadd_metrics(args, sae: SAE, acts: Acts, run: Path, l0: float) -> dict:
+def modadd_downstream_metrics(sae: SAE, acts: Acts, run: Path) -> dict:
+    """The SAE's reconstruction spliced in at its site of the modular-addition model (`=` position)."""
     from lib import modadd
-    fj = run / "fourier.json"
-    check(fj.is_file(), f"--run {run} has no fourier.json (01_train_transformer.py writes it); "
-                        f"the Fourier metrics need its key_frequencies")
-    fourier = load_json(fj, "fourier.json")
-    check(isinstance(fourier, dict) and isinstance(fourier.get("key_frequencies"), list),
-          f"{fj} has no key_frequencies list")
     model, _ = modadd.load_run(run)
     p, x = model.cfg.p, acts.x
     site, layer = acts.sidecar.get("site"), acts.sidecar.get("layer")
@@ -282,17 +272,9 @@ def modadd_metrics(args, sae: SAE, acts: Acts, run: Path, l0: float) -> dict:
     def recon(z):
         return sae.decode(sae.encode(z)).to(z.dtype)
     held = ~acts.train
-    try:
-        keys = [int(k) for k in fourier["key_frequencies"]]
-    except (TypeError, ValueError):
-        raise UserError(f"{fj}: key_frequencies must be a list of integers")
-    return {"downstream": {"heldout": modadd_downstream(model, site, layer, recon, toks[held], labs[held]),
-                           "all": modadd_downstream(model, site, layer, recon, toks, labs),
-                           "site": site, "layer": layer,
-                           "zero_ablation": "the site's activation at `=` replaced by zeros"},
-            "fourier": fourier_metrics(sae, x, a, b, p, keys, l0, args.purity_threshold, args.n_random, args.seed,
-                                       min(args.n_purity_random, args.n_random)),
-            "run": str(run), "_inputs": {"run": str(run), "fourier_json": str(fj)}}
+    return {"heldout": modadd_downstream(model, site, layer, recon, toks[held], labs[held]),
+            "all": modadd_downstream(model, site, layer, recon, toks, labs),
+            "site": site, "layer": layer, "zero_ablation": "the site's activation at `=` replaced by zeros"}
 
 
 def summary_line(out: Path, result: dict) -> str:
@@ -302,11 +284,11 @@ def summary_line(out: Path, result: dict) -> str:
     if d:
         lr = d["heldout"]["loss_recovered"] if "heldout" in d else d.get("loss_recovered")
         line += f", loss recovered {lr:.4f}"
-    f = result.get("fourier")
-    if f:
-        line += (f", pure {f['fraction_pure']:.2f} (rand {f['random_baseline']['fraction_pure']['mean']:.2f}), "
-                 f"coverage {f['key_coverage']:.2f}, MCC {f['mcc']:.3f} (rand {f['random_baseline']['mcc']['mean']:.3f}, "
-                 f"PCA {f['pca_baseline']['mcc']:.3f})")
+    g = result.get("ground_truth")
+    for name in (g or {}).get("features", []):
+        m, c = g["sae"][name], g["chance"]["random_isotropic"][name]
+        line += (f", {name}: recovered {m['recovered']:.2f} (chance {c['recovered']:.2f}), "
+                 f"MCC {m['mcc']:.3f} (chance {c['mcc']:.3f})")
     return line
 
 
@@ -320,7 +302,10 @@ def main(argv=None):
     meta = sae.metadata
     sae_info = {"path": str(args.sae), "arch": sae.arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
                 "seed": meta.get("seed"), "hook_name": meta.get("hook_name"), "model_name": meta.get("model_name")}
-    result = {"sae": sae_info, "acts": str(acts.path), "inputs": {"sae": str(args.sae), "acts": str(acts.path)}}
+    side = acts.sidecar
+    result = {"sae": sae_info, "acts": str(acts.path), "inputs": {"sae": str(args.sae), "acts": str(acts.path)},
+              "site": {"site": side.get("site"), "layer": side.get("layer"), "hook_name": side.get("hook_name"),
+                       "model": side.get("model") or side.get("run"), "tokens": side.get("token_count")}}
     if acts.kind == "shards":
         part, codes = lm_metrics(args, sae, acts, device)
     else:

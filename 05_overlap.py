@@ -1,7 +1,13 @@
-"""Stage 05: how much do SAEs trained on the same activations (different seeds or architectures) agree?
+"""Stage 05: how much do SAEs (different seeds, architectures, or from elsewhere) agree?
 
     python 05_overlap.py --saes runs/modadd/seed42/sae/topk/seed42 runs/modadd/seed42/sae/topk/seed123 ... \\
         --out results/modadd/seed42/overlap/topk
+    python 05_overlap.py --saes DIR_A DIR_B --out results/ab        # any SAEs with the same d_in, weights only
+
+Any two or more SAEs in SAELens's layout with the same d_in can be compared: without
+activations (no --acts, and none named by the SAEs' summary.json) 05 reports the decoder and
+encoder figures beside isotropic chance; with them it adds the subspace chance, the activation
+correlation and, for modular addition, agreement on the site's ground-truth features.
 
 Per pair of SAEs (metrics.py, formulas in the docstrings):
   mean_max_abs_cos   symmetric mean over decoder rows of the max |cos| to the other dictionary
@@ -18,6 +24,10 @@ Each with mean and spread (std, min, max) over pairs, beside random baselines th
              steeply as r shrinks). The headline is the overlap in excess of this baseline.
 pw_mcc_projected: PW-MCC of the decoder rows projected onto that subspace (a row's part outside it
 never meets the data and can keep its random init), beside the same subspace baseline.
+Ground truth (modular addition; lib/ground_truth.py, metrics.seed_agreement), per feature set:
+  recovered  per SAE, the fraction of features with a decoder row at cos > 0.9
+  both       per pair, the fraction recovered by both; every: by every SAE
+  pw_mcc_gt  per pair, the mean cosine between the two SAEs' latents matched to the same feature
 Writes --out/overlap.json and --out/overlap_heatmaps.png.
 """
 from __future__ import annotations
@@ -29,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from lib import ground_truth as G
 from lib import metrics as M
 from lib.activations import check_width, encode_all, open_acts
 from lib.common import ArgumentParser, UserError, check, load_json, provenance, run_main, save_figure, save_json
@@ -40,7 +51,9 @@ def parse_args(argv=None):
     ap.add_argument("--saes", type=Path, nargs="+", required=True, help="two or more SAE directories")
     ap.add_argument("--out", type=Path, required=True, help="output directory (overlap.json, heatmaps)")
     ap.add_argument("--acts", type=Path, default=None,
-                    help="the activations the SAEs were trained on (default: from the SAEs' summary.json)")
+                    help="the activations the SAEs were trained on (default: the one their summary.json files "
+                         "name, if they agree and it exists; without: decoder and encoder figures only)")
+    ap.add_argument("--recovery-cos", type=float, default=0.9, help="ground truth: recovered above this cosine")
     ap.add_argument("--max-rows", type=int, default=20000, help="rows used for activation correlation and PCA")
     ap.add_argument("--var-frac", type=float, default=0.99, help="variance held by the effective subspace")
     ap.add_argument("--threshold", type=float, default=0.7, help="cosine threshold of shared_fraction")
@@ -55,12 +68,38 @@ def parse_args(argv=None):
     return args
 
 
-def acts_from_summary(sae_dir: Path) -> str | None:
-    s = sae_dir / "summary.json"
-    if s.is_file():
-        cfg = load_json(s, "SAE summary").get("config", {})
-        return cfg.get("acts")
-    return None
+def find_acts(args) -> tuple[Path | None, str]:
+    """--acts, else the activations every SAE's summary.json names (if they agree and it exists)."""
+    if args.acts is not None:
+        return args.acts, "--acts"
+    named = set()
+    for d in args.saes:
+        s = d / "summary.json"
+        acts = load_json(s, "SAE summary").get("config", {}).get("acts") if s.is_file() else None
+        named.add(acts)
+    if len(named) == 1 and None not in named and Path(next(iter(named))).exists():
+        return Path(named.pop()), "named by the SAEs' summary.json"
+    why = ("the SAEs' summary.json files name different activations" if len(named - {None}) > 1
+           else "no activations given or found")
+    return None, why
+
+
+def load_saes(dirs: list[Path]) -> tuple[list[SAE], list[str], list[dict]]:
+    """The SAEs (one d_in), short names for the tables and figures, and what each one is."""
+    for d in dirs:
+        check(d.is_dir(), f"--saes: {d} is not a directory")
+    saes = [SAE.load(d) for d in dirs]
+    if len({s.d_in for s in saes}) > 1:
+        raise UserError("--saes have different d_in (" + ", ".join(f"{d}: {s.d_in}" for d, s in zip(dirs, saes))
+                        + "); overlap needs SAEs of the same activations")
+    names, infos = [], []
+    for d, s in zip(dirs, saes):
+        seed = s.metadata.get("seed")
+        names.append(f"{s.arch}/s{seed}" if seed is not None else d.name)
+        infos.append({"path": str(d), "arch": s.arch, "d_in": s.d_in, "d_sae": s.d_sae, "k": s.k, "seed": seed})
+        if len(set(names)) < len(names):
+            names[-1] = f"{names[-1]}#{len(names)}"
+    return saes, names, infos
 
 
 def pair_metrics(A: dict, B: dict, threshold: float, basis: torch.Tensor | None = None) -> dict:
@@ -78,7 +117,7 @@ def pair_metrics(A: dict, B: dict, threshold: float, basis: torch.Tensor | None 
         out["pw_mcc_projected"] = M.hungarian_mcc(pa, pb, signed=True)
         out["mean_max_abs_cos_projected"] = M.mean_max_abs_cos(pa, pb)
         out["decoder_norm_in_subspace"] = float(0.5 * (pa.norm(dim=1).mean() + pb.norm(dim=1).mean()))
-    if A.get("codes") is not None:
+    if A.get("codes") is not None and B.get("codes") is not None:
         out["act_corr"] = M.matched_activation_correlation(A["codes"], B["codes"], r, c)
         perm = torch.randperm(len(c), generator=torch.Generator().manual_seed(1))
         out["act_corr_random_pairs"] = M.matched_activation_correlation(A["codes"], B["codes"], r, c[perm])
@@ -114,13 +153,14 @@ def spread(vals: list[float]) -> dict:
 
 
 def heatmaps(names: list[str], mats: dict, path: Path) -> Path:
+    """One pairwise matrix per panel; each title carries its chance level."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = len(names)
     fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats), 3.8))
     axes = [axes] if len(mats) == 1 else axes
-    for ax, (title, (m, base)) in zip(axes, mats.items()):
+    for ax, (title, m) in zip(axes, mats.items()):
         im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
         for i in range(n):
             for j in range(n):
@@ -128,63 +168,69 @@ def heatmaps(names: list[str], mats: dict, path: Path) -> Path:
                         color="white" if m[i][j] < 0.6 else "black")
         ax.set_xticks(range(n), names, rotation=60, fontsize=7)
         ax.set_yticks(range(n), names, fontsize=7)
-        ax.set_title(f"{title}\n(subspace chance {base:.3f})", fontsize=9)
+        ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     return save_figure(fig, path)
 
 
+def ground_truth_agreement(gt: G.GroundTruth, saes: list[SAE], x: torch.Tensor, threshold: float) -> dict:
+    """Per ground-truth feature set: what each SAE recovers, what pairs and all of them share."""
+    out = {}
+    for name, F in G.ground_truth_features(gt).items():
+        ag = M.seed_agreement(F, [s.W_dec.detach().double() for s in saes], threshold)
+        chance = G.chance_levels(gt, x, saes[0].d_sae, seeds=(0,), names=[name], threshold=threshold)
+        out[name] = {"n_features": len(F), "recovered": ag["recovered"], "recovered_mean": spread(ag["recovered"]),
+                     "both": spread([q["both"] for q in ag["pairs"]]), "every": ag["every"],
+                     "pw_mcc_gt": spread([q["pw_mcc_gt"] for q in ag["pairs"]]), "pairs": ag["pairs"],
+                     "chance_recovered": {b: chance[b][name]["recovered"]
+                                          for b in ("random_isotropic", "random_pca_subspace", "pca_signed")}}
+    return out
+
+
+def pair_matrix(n: int, pairs: list, value) -> list:
+    mat = [[1.0] * n for _ in range(n)]
+    for (i, j), p in zip(itertools.combinations(range(n), 2), pairs):
+        mat[i][j] = mat[j][i] = value(p)
+    return mat
+
+
 def main(argv=None):
     args = parse_args(argv)
-    for d in args.saes:
-        check(d.is_dir(), f"--saes: {d} is not a directory")
-    saes = [SAE.load(d) for d in args.saes]
-    d_ins = {s.d_in for s in saes}
-    if len(d_ins) > 1:
-        raise UserError("--saes have different d_in (" + ", ".join(f"{d}: {s.d_in}" for d, s in zip(args.saes, saes))
-                        + "); overlap needs SAEs of the same activations")
-    d_in = d_ins.pop()
+    saes, names, infos = load_saes(args.saes)
+    d_in, n = saes[0].d_in, len(saes)
+    acts, acts_from = find_acts(args)
+    x = data = gt = basis = None
+    if acts is not None:
+        data = open_acts(acts)
+        check_width(data, d_in, "the SAEs")
+        x = data.sample_rows(args.max_rows)
+        comps, ratio, r = M.pca_basis(x, args.var_frac)
+        basis = comps[:r]
+        if data.kind == "file" and {"a", "b"} <= set(data.labels):
+            gt, gt_from = G.load_or_fit(data)
+    dicts = [{"dec": s.W_dec.detach().double(), "enc": s.W_enc.detach().T.double(),
+              "codes": encode_all(s, x)[0] if x is not None else None} for s in saes]
 
-    acts = args.acts
-    if acts is None:
-        found = {a for a in (acts_from_summary(d) for d in args.saes) if a}
-        check(len(found) == 1, "pass --acts: the SAEs' summary.json files " +
-              ("name no activations file" if not found else f"name different activations ({', '.join(sorted(found))})"))
-        acts = Path(found.pop())
-    data = open_acts(acts)
-    check_width(data, d_in, "the SAEs")
-    x = data.sample_rows(args.max_rows)
-
-    names, infos = [], []
-    for d, s in zip(args.saes, saes):
-        seed = s.metadata.get("seed")
-        names.append(f"{s.arch}/s{seed}" if seed is not None else d.name)
-        infos.append({"path": str(d), "arch": s.arch, "d_in": s.d_in, "d_sae": s.d_sae, "k": s.k, "seed": seed})
-        if len(set(names)) < len(names):
-            names[-1] = f"{names[-1]}#{len(names)}"
-    dicts = [{"dec": s.W_dec.detach().double(), "enc": s.W_enc.detach().T.double(), "codes": encode_all(s, x)[0]}
-             for s in saes]
-
-    comps, ratio, r = M.pca_basis(x, args.var_frac)
-    basis = comps[:r]
     g = torch.Generator().manual_seed(args.seed)
     base_cache = {}
 
     def baselines(n_a, n_b):
         key = (min(n_a, n_b), max(n_a, n_b))
         if key not in base_cache:
-            base_cache[key] = {
-                "isotropic": random_baseline(key[0], key[1], d_in, args.n_random, g, args.threshold),
-                "subspace": random_baseline(key[0], key[1], d_in, args.n_random, g, args.threshold, basis)}
+            base_cache[key] = {"isotropic": random_baseline(key[0], key[1], d_in, args.n_random, g, args.threshold)}
+            if basis is not None:
+                base_cache[key]["subspace"] = random_baseline(key[0], key[1], d_in, args.n_random, g, args.threshold,
+                                                              basis)
         return base_cache[key]
 
-    n = len(saes)
     pairs = []
     metric_keys = ("mean_max_abs_cos", "pw_mcc", "pw_mcc_abs", "shared_fraction")
     for i, j in itertools.combinations(range(n), 2):
         m = pair_metrics(dicts[i], dicts[j], args.threshold, basis)
         base = baselines(saes[i].d_sae, saes[j].d_sae)
-        m["excess_over_subspace"] = {k: m[k] - base["subspace"][k] for k in metric_keys}
+        if "subspace" in base:
+            m["excess_over_subspace"] = {k: m[k] - base["subspace"][k] for k in metric_keys}
         pairs.append({"a": names[i], "b": names[j], "a_path": str(args.saes[i]), "b_path": str(args.saes[j]),
                       **m, "baselines": base})
         if not args.quiet:
@@ -195,46 +241,66 @@ def main(argv=None):
                for k in metric_keys + ("act_corr", "act_corr_random_pairs", "pw_mcc_projected",
                                        "mean_max_abs_cos_projected", "decoder_norm_in_subspace")}
     base_iso = {k: spread([p["baselines"]["isotropic"][k] for p in pairs]) for k in metric_keys}
-    base_sub = {k: spread([p["baselines"]["subspace"][k] for p in pairs]) for k in metric_keys}
-    excess = {k: spread([p["excess_over_subspace"][k] for p in pairs]) for k in metric_keys}
+    base_sub = {k: spread([p["baselines"]["subspace"][k] for p in pairs]) for k in metric_keys} if basis is not None else None
+    excess = {k: spread([p["excess_over_subspace"][k] for p in pairs]) for k in metric_keys} if basis is not None else None
+    agreement = ground_truth_agreement(gt, saes, x, args.recovery_cos) if gt is not None else None
 
-    mats = {}
-    for title, key in (("mean max |cos|", "mean_max_abs_cos"), ("PW-MCC (signed)", "pw_mcc"),
-                       ("shared (cos > %.1f enc & dec)" % args.threshold, "shared_fraction")):
-        mat = [[1.0] * n for _ in range(n)]
-        for (i, j), p in zip(itertools.combinations(range(n), 2), pairs):
-            mat[i][j] = mat[j][i] = p[key]
-        mats[title] = (mat, base_sub[key]["mean"])
+    chance_of = base_sub or base_iso
+    mats = {f"{title}\n({'subspace' if base_sub else 'isotropic'} chance {chance_of[key]['mean']:.3f})":
+            pair_matrix(n, pairs, lambda p, key=key: p[key])
+            for title, key in (("mean max |cos|", "mean_max_abs_cos"), ("PW-MCC (signed)", "pw_mcc"),
+                               ("shared (cos > %.1f enc & dec)" % args.threshold, "shared_fraction"))}
+    for name, a in (agreement or {}).items():
+        mats[f"{name} features recovered by both\n(random-decoder chance {a['chance_recovered']['random_isotropic']:.2f})"] = \
+            pair_matrix(n, a["pairs"], lambda q: q["both"])
     fig = heatmaps(names, mats, args.out / "overlap_heatmaps.png")
 
-    result = {"saes": infos, "acts": str(acts), "inputs": {"saes": [str(d) for d in args.saes], "acts": str(acts)},
-              "n_rows": len(x), "d_in": d_in,
-              "effective_subspace": {"var_frac": args.var_frac, "r": r,
-                                     "variance_captured": float(ratio[:r].sum())},
-              "headline": {"pw_mcc_excess_over_subspace": excess["pw_mcc"],
-                           "mean_max_abs_cos_excess_over_subspace": excess["mean_max_abs_cos"]},
+    result = {"saes": infos, "acts": str(acts) if acts else None,
+              "inputs": {"saes": [str(d) for d in args.saes], "acts": str(acts) if acts else None,
+                         "acts_from": acts_from, "ground_truth": gt_from if gt is not None else None},
+              "n_rows": len(x) if x is not None else 0, "d_in": d_in,
+              "effective_subspace": ({"var_frac": args.var_frac, "r": r, "variance_captured": float(ratio[:r].sum())}
+                                     if basis is not None else None),
+              "headline": ({"pw_mcc_excess_over_subspace": excess["pw_mcc"],
+                            "mean_max_abs_cos_excess_over_subspace": excess["mean_max_abs_cos"]} if excess else
+                           {"pw_mcc_excess_over_isotropic": spread([p["pw_mcc"] - p["baselines"]["isotropic"]["pw_mcc"]
+                                                                    for p in pairs])}),
               "summary": summary, "baseline_isotropic": base_iso, "baseline_subspace": base_sub,
-              "excess_over_subspace": excess, "pairs": pairs,
-              "definitions": {
-                  "pw_mcc": "Hungarian matching on signed decoder cosine; mean matched cosine",
-                  "pw_mcc_abs": "Hungarian matching on |cos|; mean matched |cos|",
-                  "pw_mcc_projected": "pw_mcc of the decoder rows projected onto the effective subspace "
-                                      "(compare with the subspace baseline); decoder_norm_in_subspace: mean "
-                                      "norm of those projections (1 = rows lie inside it)",
-                  "shared_fraction": f"pairs matched by pw_mcc's assignment with decoder cos > {args.threshold} "
-                                     f"and encoder cos > {args.threshold}",
-                  "act_corr": "mean Pearson correlation of matched latents' codes on the same rows "
-                              "(act_corr_random_pairs: the same latents paired at random)",
-                  "mean_max_abs_cos baseline": "analytic (exact Beta distribution of u_1^2, numerical integral)"},
+              "excess_over_subspace": excess, "ground_truth": agreement, "pairs": pairs,
+              "definitions": DEFINITIONS | {"shared_fraction": f"pairs matched by pw_mcc's assignment with decoder "
+                                                                f"cos > {args.threshold} and encoder cos > {args.threshold}"},
               "figures": {"heatmaps": str(fig)},
               **provenance(argparse.Namespace(**{**vars(args), "saes": [str(d) for d in args.saes]}),
                            seed=args.seed, sae_seeds=[i["seed"] for i in infos])}
     save_json(result, args.out / "overlap.json")
     if not args.quiet:
-        print(f"{args.out / 'overlap.json'}: PW-MCC {summary['pw_mcc']['mean']:.3f} +- {summary['pw_mcc']['std']:.3f} "
-              f"(subspace r={r} chance {base_sub['pw_mcc']['mean']:.3f}, isotropic {base_iso['pw_mcc']['mean']:.3f}); "
-              f"mean-max {summary['mean_max_abs_cos']['mean']:.3f} (chance {base_sub['mean_max_abs_cos']['mean']:.3f} / "
-              f"{base_iso['mean_max_abs_cos']['mean']:.3f})")
+        print(summary_line(args.out, result))
+
+
+DEFINITIONS = {
+    "pw_mcc": "Hungarian matching on signed decoder cosine; mean matched cosine",
+    "pw_mcc_abs": "Hungarian matching on |cos|; mean matched |cos|",
+    "pw_mcc_projected": "pw_mcc of the decoder rows projected onto the effective subspace (compare with the "
+                        "subspace baseline); decoder_norm_in_subspace: mean norm of those projections (1 = rows "
+                        "lie inside it)",
+    "act_corr": "mean Pearson correlation of matched latents' codes on the same rows (act_corr_random_pairs: "
+                "the same latents paired at random)",
+    "mean_max_abs_cos baseline": "analytic (exact Beta distribution of u_1^2, numerical integral)",
+    "ground_truth": "per feature set: recovered = a decoder row at cos > recovery_cos; both / every = recovered "
+                    "by both SAEs of a pair / by every SAE; pw_mcc_gt = mean cosine of the two SAEs' latents "
+                    "matched to the same recovered feature"}
+
+
+def summary_line(out: Path, result: dict) -> str:
+    s, bi, bs = result["summary"], result["baseline_isotropic"], result["baseline_subspace"]
+    line = (f"{out / 'overlap.json'}: PW-MCC {s['pw_mcc']['mean']:.3f} +- {s['pw_mcc']['std']:.3f} "
+            f"(chance: isotropic {bi['pw_mcc']['mean']:.3f}")
+    if bs:
+        line += f", subspace r={result['effective_subspace']['r']} {bs['pw_mcc']['mean']:.3f}"
+    line += f"); mean-max {s['mean_max_abs_cos']['mean']:.3f}"
+    for name, a in (result["ground_truth"] or {}).items():
+        line += f"; {name}: recovered by every SAE {a['every']:.2f}, by both (mean) {a['both']['mean']:.2f}"
+    return line
 
 
 if __name__ == "__main__":

@@ -396,6 +396,17 @@ def load_ground_truth(path) -> GroundTruth:
 # ----------------------------------------------------------------------------
 # Scoring a decoder, and the chance levels
 
+def load_or_fit(acts) -> tuple[GroundTruth, str]:
+    """For an opened modular-addition activations file (lib.activations.Acts with a, b over the
+    full grid): the ground truth 02 wrote beside it, or, for a file without one, fitted now.
+    Returns (ground truth, where it came from)."""
+    path = ground_truth_path(acts.path)
+    if path.is_file():
+        return load_ground_truth(path), str(path)
+    p = int(round(math.sqrt(acts.n_rows)))
+    return fit_value_tables(acts.x, acts.labels["a"], acts.labels["b"], p), "fitted from the activations (no file)"
+
+
 def score_decoder(gt: GroundTruth, decoder: torch.Tensor, acts: torch.Tensor | None = None,
                   a: torch.Tensor | None = None, b: torch.Tensor | None = None,
                   names=None, threshold: float = RECOVERY_COS) -> dict:

@@ -2,23 +2,26 @@
 
     python -m lib.report --results results [--out results/REPORT.md] [--elapsed SECONDS]
 
-One table per (target, model run): a row per architecture with mean +- std over SAE seeds of
-EV, L0, dead %, dense %, loss recovered, and the Fourier purity / key coverage / recovery MCC
-each beside its random-decoder and PCA baselines; then seed-to-seed overlap beside its isotropic
-and subspace chance levels. The checks the study promises (TopK: EV > 0.9, L0 in 10-50, dead < 10%,
-Fourier MCC well above chance) are printed as PASS / MISS lines, never tuned to pass.
+The report leads with the answer: per site and architecture, the share of the site's
+ground-truth features each SAE seed recovers, the share every seed recovers, and the seeds'
+agreement, each beside its chance level, followed by sentences generated from those numbers;
+then the (k, width) sweep as heatmaps (any eval.json / overlap.json under a `sweep/` folder);
+then per site the full table (reconstruction, sparsity, downstream, ground truth, overlap);
+then each language-model target with the table that fits it (model, layer, site, tokens; CE
+clean / with the SAE / zero-ablated, loss recovered, KL). Goals are PASS / MISS lines, never
+tuned to pass.
 """
 from __future__ import annotations
 
-import math
 import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from lib.common import ArgumentParser, check, load_json, run_main
+from lib.common import ArgumentParser, check, load_json, run_main, save_figure
 
 ARCH_ORDER = ["topk", "batchtopk", "relu", "jumprelu"]
+GOAL_EACH, GOAL_EVERY = 0.95, 0.90           # issue "The study answers its question": answer features
 
 
 def parse_args(argv=None):
@@ -28,10 +31,16 @@ def parse_args(argv=None):
     ap.add_argument("--elapsed", type=float, default=None, help="wall time of the run (run_all.sh passes it)")
     ap.add_argument("--title", default="SAE study report")
     ap.add_argument("--exclude", type=Path, action="append", default=[], help="skip results under this folder")
+    ap.add_argument("--note", action="append", default=[], help="a line for the report's preamble (run_all.sh)")
     args = ap.parse_args(argv)
     check(args.results.is_dir(), f"--results {args.results} is not a directory")
     args.out = args.out or args.results / "REPORT.md"
     return args
+
+
+def mean(vals):
+    vals = [v for v in vals if isinstance(v, (int, float)) and v == v]
+    return statistics.fmean(vals) if vals else float("nan")
 
 
 def ms(vals, fmt="{:.3f}", scale=1.0):
@@ -43,9 +52,8 @@ def ms(vals, fmt="{:.3f}", scale=1.0):
     return f"{fmt.format(statistics.fmean(vals))} ± {fmt.format(statistics.pstdev(vals))}"
 
 
-def mean(vals):
-    vals = [v for v in vals if isinstance(v, (int, float)) and v == v]
-    return statistics.fmean(vals) if vals else float("nan")
+def pct(v) -> str:
+    return "n/a" if not isinstance(v, (int, float)) or v != v else f"{100 * v:.0f}%"
 
 
 def get(d, *path, default=float("nan")):
@@ -63,167 +71,336 @@ def rel(path, base: Path) -> str:
         return str(path)
 
 
-def group_key(e: dict) -> tuple[str, str]:
-    return (e.get("target", "?"), e.get("run") or str(Path(e.get("acts", "?")).parent))
+def arch_key(a: str):
+    return (ARCH_ORDER.index(a) if a in ARCH_ORDER else 99, a)
 
 
-def eval_table(evals: list[dict]) -> tuple[list[str], dict]:
-    by_arch = defaultdict(list)
-    for e in evals:
-        by_arch[e["sae"]["arch"]].append(e)
-    archs = sorted(by_arch, key=lambda a: (ARCH_ORDER.index(a) if a in ARCH_ORDER else 99, a))
-    lines = ["| arch | SAEs (seeds) | d_sae | EV | L0 | dead % (held-out rows) | dead % (all rows) | dense % | loss recovered | KL (SAE / zero) | "
-             "pure latents: SAE / random / PCA | key coverage: SAE / random / PCA | Fourier MCC: SAE / random / PCA |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    stats = {}
-    for arch in archs:
-        es = by_arch[arch]
-        seeds = sorted(str(e["sae"].get("seed")) for e in es)
-        def col(*path):
-            return [get(e, *path) for e in es]
-        down = "heldout" if any(get(e, "downstream", "heldout", default=None) for e in es) else None
-        lr = col("downstream", down, "loss_recovered") if down else col("downstream", "loss_recovered")
-        kls = col("downstream", down, "kl_sae") if down else col("downstream", "kl_sae")
-        klz = col("downstream", down, "kl_zero") if down else col("downstream", "kl_zero")
-        row = [arch, f"{len(es)} ({', '.join(seeds)})", str(es[0]["sae"]["d_sae"]),
-               ms(col("reconstruction", "explained_variance")), ms(col("sparsity", "l0"), "{:.1f}"),
-               ms(col("sparsity", "dead_fraction"), "{:.1f}", 100),
-               ms(col("sparsity", "dead_fraction_all_rows"), "{:.1f}", 100),
-               ms(col("sparsity", "dense_fraction"), "{:.1f}", 100),
-               ms(lr), f"{ms(kls, '{:.4f}')} / {ms(klz, '{:.2f}')}"]
-        for key in ("fraction_pure", "key_coverage", "mcc"):
-            row.append(f"{ms(col('fourier', key))} / {ms(col('fourier', 'random_baseline', key, 'mean'))} / "
-                       f"{ms(col('fourier', 'pca_baseline', key))}")
-        lines.append("| " + " | ".join(row) + " |")
-        stats[arch] = {"ev": mean(col("reconstruction", "explained_variance")), "l0": mean(col("sparsity", "l0")),
-                       "dead": mean(col("sparsity", "dead_fraction")), "lr": mean(lr),
-                       "mcc": mean(col("fourier", "mcc")), "mcc_rand": mean(col("fourier", "random_baseline", "mcc", "mean")),
-                       "mcc_rand_max": max([v for v in col("fourier", "random_baseline", "mcc", "max") if v == v],
-                                           default=float("nan")),
-                       "mcc_pca": mean(col("fourier", "pca_baseline", "mcc")),
-                       "pure": mean(col("fourier", "fraction_pure")),
-                       "pure_rand": mean(col("fourier", "random_baseline", "fraction_pure", "mean")),
-                       "coverage": mean(col("fourier", "key_coverage")), "n": len(es),
-                       "density": [e.get("figures", {}).get("density") for e in es]}
-    return lines, stats
+def site_name(e: dict) -> str:
+    s = e.get("site") or {}
+    if s.get("site"):
+        return f"{s['site']}" + (f" (layer {s['layer']})" if s.get("layer") not in (None, 0) else "")
+    return Path(e.get("acts", "?")).stem
 
 
-def overlap_table(overlaps: list[dict]) -> list[str]:
-    lines = ["| SAEs | pairs | PW-MCC (signed) | chance: subspace / isotropic | excess over subspace | "
-             "mean max \\|cos\\| | chance: subspace / isotropic | shared (cos > 0.7 enc & dec) | chance (subspace) | "
-             "matched act. corr (random pairs) | r (99% var) | PW-MCC of decoders projected on the subspace "
-             "(mean row norm inside it) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for o in overlaps:
-        archs = sorted({s["arch"] for s in o["saes"]})
-        s, bs, bi, ex = o["summary"], o["baseline_subspace"], o["baseline_isotropic"], o["excess_over_subspace"]
-        def f(d, k, fmt="{:.3f}"):
-            m, sd = get(d, k, "mean"), get(d, k, "std")
-            if m != m:
-                return "n/a"
-            return f"{fmt.format(m)} ± {fmt.format(sd)}" if get(d, k, "n", default=1) > 1 else fmt.format(m)
-        lines.append("| " + " | ".join([
-            f"{'+'.join(archs)} × {len(o['saes'])}", str(len(o["pairs"])),
-            f(s, "pw_mcc"), f"{get(bs, 'pw_mcc', 'mean'):.3f} / {get(bi, 'pw_mcc', 'mean'):.3f}", f(ex, "pw_mcc"),
-            f(s, "mean_max_abs_cos"),
-            f"{get(bs, 'mean_max_abs_cos', 'mean'):.3f} / {get(bi, 'mean_max_abs_cos', 'mean'):.3f}",
-            f(s, "shared_fraction"), f"{get(bs, 'shared_fraction', 'mean'):.3f}",
-            f"{f(s, 'act_corr')} ({get(s, 'act_corr_random_pairs', 'mean'):.3f})",
-            str(get(o, "effective_subspace", "r")),
-            f"{f(s, 'pw_mcc_projected')} ({get(s, 'decoder_norm_in_subspace', 'mean'):.2f})"]) + " |")
-    return lines
+def config_of(e: dict) -> tuple:
+    return (e["sae"]["arch"], e["sae"].get("k"), e["sae"]["d_sae"])
 
 
-def checks(stats: dict) -> list[str]:
-    out = []
-    t = stats.get("topk")
-    if t is None:
-        return ["- (no TopK SAEs in this group: the TopK checks do not apply)"]
-    def line(ok, text):
-        out.append(f"- **{'PASS' if ok else 'MISS'}** {text}")
-    line(t["ev"] > 0.9, f"TopK EV > 0.9: mean {t['ev']:.4f}")
-    line(10 <= t["l0"] <= 50, f"TopK L0 within 10-50: mean {t['l0']:.1f}")
-    line(t["dead"] < 0.10, f"TopK dead < 10% (never active on the held-out rows): mean {100 * t['dead']:.1f}%")
-    if t["mcc"] == t["mcc"]:
-        well = t["mcc"] > t["mcc_rand_max"] + 0.1
-        line(well, f"TopK Fourier-recovery MCC well above its random baseline (> the highest random draw + 0.1): "
-                   f"{t['mcc']:.3f} vs random {t['mcc_rand']:.3f} (max draw {t['mcc_rand_max']:.3f}); "
-                   f"PCA basis {t['mcc_pca']:.3f}")
-    return out
+# ----------------------------------------------------------------------------
+# Collecting
 
-
-def main(argv=None):
-    args = parse_args(argv)
-    base = args.out.parent
+def collect(args):
     evals, overlaps = [], []
     excl = [e.resolve() for e in args.exclude]
 
     def skip(p: Path) -> bool:
         return any(p.resolve().is_relative_to(e) for e in excl)
     for p in sorted(args.results.rglob("eval.json")):
-        if skip(p):
-            continue
         e = load_json(p, "eval.json")
-        if isinstance(e, dict) and "sae" in e and "reconstruction" in e:
-            e["_path"] = str(p)
+        if not skip(p) and isinstance(e, dict) and "sae" in e and "reconstruction" in e:
+            e["_path"], e["_sweep"] = str(p), "sweep" in p.relative_to(args.results).parts
             evals.append(e)
     for p in sorted(args.results.rglob("overlap.json")):
-        if skip(p):
-            continue
         o = load_json(p, "overlap.json")
-        if isinstance(o, dict) and "summary" in o:
-            o["_path"] = str(p)
+        if not skip(p) and isinstance(o, dict) and "summary" in o:
+            o["_path"], o["_sweep"] = str(p), "sweep" in p.relative_to(args.results).parts
             overlaps.append(o)
     check(evals or overlaps, f"--results {args.results} holds no eval.json or overlap.json")
+    return evals, overlaps
 
+
+def overlap_for(overlaps: list, evals: list) -> dict | None:
+    """The overlap study over exactly these SAEs (by path), if there is one."""
+    paths = {e["sae"]["path"] for e in evals}
+    for o in overlaps:
+        if {s["path"] for s in o["saes"]} == paths:
+            return o
+    return None
+
+
+# ----------------------------------------------------------------------------
+# The answer: ground-truth recovery and seed agreement per site and architecture
+
+def answer_rows(es: list, overlaps: list) -> tuple[list, dict]:
+    """Per (arch, k, d_sae) of one site: per-seed recovery, every-seed recovery, agreement."""
+    by_cfg = defaultdict(list)
+    for e in es:
+        by_cfg[config_of(e)].append(e)
+    rows = {}
+    for cfg, group in sorted(by_cfg.items(), key=lambda kv: (arch_key(kv[0][0]), kv[0][1] or 0, kv[0][2])):
+        o = overlap_for(overlaps, group)
+        feats = get(group[0], "ground_truth", "features", default=[])
+        r = {"n": len(group), "seeds": sorted(str(e["sae"].get("seed")) for e in group),
+             "ev": [get(e, "reconstruction", "explained_variance") for e in group],
+             "l0": [get(e, "sparsity", "l0") for e in group],
+             "dead": [get(e, "sparsity", "dead_fraction_all_rows") for e in group], "features": {},
+             "pw_mcc": get(o, "summary", "pw_mcc", "mean"), "pw_mcc_sub": get(o, "baseline_subspace", "pw_mcc", "mean"),
+             "overlap": o}
+        for f in feats:
+            r["features"][f] = {"each": [get(e, "ground_truth", "sae", f, "recovered") for e in group],
+                                "mcc": [get(e, "ground_truth", "sae", f, "mcc") for e in group],
+                                "selectivity": [get(e, "ground_truth", "sae", f, "selectivity") for e in group],
+                                "plane": [get(e, "ground_truth", "sae", f, "plane_share") for e in group],
+                                "chance": mean([get(e, "ground_truth", "chance", "random_isotropic", f, "recovered")
+                                                for e in group]),
+                                "chance_sub": mean([get(e, "ground_truth", "chance", "random_pca_subspace", f,
+                                                        "recovered") for e in group]),
+                                "chance_pca": mean([get(e, "ground_truth", "chance", "pca_signed", f, "recovered")
+                                                    for e in group]),
+                                "every": get(o, "ground_truth", f, "every"),
+                                "both": get(o, "ground_truth", f, "both", "mean"),
+                                "pw_mcc_gt": get(o, "ground_truth", f, "pw_mcc_gt", "mean"),
+                                "n_features": get(group[0], "ground_truth", "sae", f, "n_features")}
+        rows[cfg] = r
+    return list(feats_of(es)), rows
+
+
+def feats_of(es):
+    seen = []
+    for e in es:
+        for f in get(e, "ground_truth", "features", default=[]):
+            if f not in seen:
+                seen.append(f)
+    return seen
+
+
+def answer_table(feats: list, rows: dict) -> list[str]:
+    head = ["arch", "k / latents", "seeds"]
+    for f in feats:
+        head += [f"{f}: recovered per seed", f"{f}: by every seed", f"{f}: by both of a pair",
+                 f"{f}: PW-MCC of matched latents"]
+    head += ["chance (random decoders / in data subspace / ±PCA)", "all-latent PW-MCC (subspace chance)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (arch, k, d_sae), r in rows.items():
+        cells = [arch, f"{k} / {d_sae}", str(r["n"])]
+        chance = []
+        for f in feats:
+            x = r["features"].get(f)
+            if x is None:
+                cells += ["n/a"] * 4
+                continue
+            cells += [ms(x["each"], "{:.0f}%", 100), pct(x["every"]), pct(x["both"]),
+                      "n/a" if x["pw_mcc_gt"] != x["pw_mcc_gt"] else f"{x['pw_mcc_gt']:.3f}"]
+            chance.append(f"{f} {pct(x['chance'])} / {pct(x['chance_sub'])} / {pct(x['chance_pca'])}")
+        cells += ["; ".join(chance) or "n/a",
+                  "n/a" if r["pw_mcc"] != r["pw_mcc"] else f"{r['pw_mcc']:.3f} ({r['pw_mcc_sub']:.3f})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def goal_lines(rows: dict) -> list[str]:
+    out = []
+    for (arch, k, d_sae), r in rows.items():
+        x = r["features"].get("answer")
+        if x is None:
+            continue
+        each = [v for v in x["each"] if v == v]
+        ok1 = bool(each) and min(each) >= GOAL_EACH
+        ok2 = x["every"] == x["every"] and x["every"] >= GOAL_EVERY
+        out.append(f"- **{'PASS' if ok1 else 'MISS'}** {arch} (k {k}, {d_sae} latents): every seed recovers "
+                   f">= {GOAL_EACH:.0%} of the answer features: lowest seed {pct(min(each) if each else None)} "
+                   f"(random decoders {pct(x['chance'])})")
+        if r["n"] >= 2:
+            out.append(f"- **{'PASS' if ok2 else 'MISS'}** {arch} (k {k}, {d_sae} latents): the {r['n']} seeds "
+                       f"together recover >= {GOAL_EVERY:.0%} of them: {pct(x['every'])}")
+    return out
+
+
+def sentences(site: str, shares: dict, rows: dict) -> list[str]:
+    """What the SAEs found at this site, in words generated from the numbers."""
+    out = []
+    if shares:
+        parts = ", ".join(f"the {n} table {pct(s)}" for n, s in shares.items())
+        out.append(f"At {site} the model's own value tables explain the variance as follows: {parts}.")
+    for (arch, k, d_sae), r in rows.items():
+        bits = []
+        for f, x in r["features"].items():
+            each = mean(x["each"])
+            bits.append(f"{pct(each)} of the {x['n_features']} {f} features per seed ({pct(x['every'])} with every "
+                        f"seed; random decoders {pct(x['chance'])})")
+        if bits:
+            out.append(f"{arch} with k {k} and {d_sae} latents recovers " + "; ".join(bits) + ".")
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The sweep: heatmaps over (k, width)
+
+def sweep_section(es: list, overlaps: list, site: str, base: Path, figdir: Path) -> list[str]:
+    es = [e for e in es if e["sae"]["arch"] == "topk"] or es          # the sweep is TopK's
+    _, rows = answer_rows(es, overlaps)
+    feats = feats_of(es)
+    if not rows or "answer" not in feats and not feats:
+        return []
+    f = "answer" if "answer" in feats else feats[0]
+    ks = sorted({k for (_, k, _) in rows})
+    ws = sorted({w for (_, _, w) in rows})
+    grids = {"recovered per seed (mean)": {}, "recovered by every seed": {}}
+    for (arch, k, w), r in rows.items():
+        x = r["features"].get(f, {})
+        grids["recovered per seed (mean)"][(k, w)] = mean(x.get("each", []))
+        grids["recovered by every seed"][(k, w)] = x.get("every", float("nan"))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(4.6 * 2, 0.5 * len(ks) + 2.2))
+    for ax, (title, grid) in zip(axes, grids.items()):
+        m = [[grid.get((k, w), float("nan")) for w in ws] for k in ks]
+        im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i, k in enumerate(ks):
+            for j, w in enumerate(ws):
+                v = m[i][j]
+                label = "" if v != v else f"{100 * v:.0f}"
+                if (k, w) == (32, 1024):
+                    label += "\nguide"
+                ax.text(j, i, label, ha="center", va="center", fontsize=7, color="white" if v != v or v < 0.6 else "black")
+        ax.set_xticks(range(len(ws)), [str(w) for w in ws])
+        ax.set_yticks(range(len(ks)), [str(k) for k in ks])
+        ax.set_xlabel("latents (width)")
+        ax.set_ylabel("k")
+        ax.set_title(f"{site}: {f} features {title} (%)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path = save_figure(fig, figdir / f"sweep_{site.split()[0]}.png")
+    lines = [f"![sweep {site}]({rel(path, base)})", "",
+             f"TopK over k × width at {site}, seeds per cell: {max(r['n'] for r in rows.values())}; "
+             f"cells hold the % of the {f} features recovered at cos > 0.9 (chance: random decoders "
+             f"{pct(mean([r['features'].get(f, {}).get('chance', float('nan')) for r in rows.values()]))}); "
+             "'guide' marks the seed guide's k 32 / 1024 latents.", ""]
+    guide = rows.get(("topk", 32, 1024))
+    if guide is not None:
+        lines += [f"At the seed guide's k 32 / 1024 latents: {pct(mean(guide['features'].get(f, {}).get('each', [])))} "
+                  f"of the {f} features per seed, {pct(guide['features'].get(f, {}).get('every'))} by both seeds.", ""]
+    return lines
+
+
+# ----------------------------------------------------------------------------
+# Full tables
+
+def modadd_table(es: list) -> list[str]:
+    by_cfg = defaultdict(list)
+    for e in es:
+        by_cfg[config_of(e)].append(e)
+    lines = ["| arch | k / latents | seeds | EV (held-out) | L0 | dead % (all rows) | dead % (held-out rows) | "
+             "loss recovered | KL (SAE / zero) | selectivity (answer / operand) | plane share (answer) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (arch, k, d_sae), g in sorted(by_cfg.items(), key=lambda kv: (arch_key(kv[0][0]), kv[0][1] or 0, kv[0][2])):
+        def col(*path):
+            return [get(e, *path) for e in g]
+        lines.append("| " + " | ".join([
+            arch, f"{k} / {d_sae}", str(len(g)), ms(col("reconstruction", "explained_variance")),
+            ms(col("sparsity", "l0"), "{:.1f}"), ms(col("sparsity", "dead_fraction_all_rows"), "{:.1f}", 100),
+            ms(col("sparsity", "dead_fraction"), "{:.1f}", 100), ms(col("downstream", "heldout", "loss_recovered")),
+            f"{ms(col('downstream', 'heldout', 'kl_sae'), '{:.4f}')} / {ms(col('downstream', 'heldout', 'kl_zero'), '{:.2f}')}",
+            f"{ms(col('ground_truth', 'sae', 'answer', 'selectivity'), '{:.2f}')} / "
+            f"{ms(col('ground_truth', 'sae', 'operand', 'selectivity'), '{:.2f}')}",
+            ms(col("ground_truth", "sae", "answer", "plane_share"), "{:.2f}")]) + " |")
+    return lines
+
+
+def lm_table(es: list) -> list[str]:
+    by_cfg = defaultdict(list)
+    for e in es:
+        by_cfg[config_of(e)].append(e)
+    lines = ["| arch | k / latents | seeds | EV (held-out) | L0 | dead % (held-out) | CE clean | CE with SAE | "
+             "CE zero-ablated | loss recovered | KL (SAE / zero) | contexts |", "|" + "---|" * 12]
+    for (arch, k, d_sae), g in sorted(by_cfg.items(), key=lambda kv: (arch_key(kv[0][0]), kv[0][1] or 0, kv[0][2])):
+        def col(*path):
+            return [get(e, *path) for e in g]
+        lines.append("| " + " | ".join([
+            arch, f"{k} / {d_sae}", str(len(g)), ms(col("reconstruction", "explained_variance")),
+            ms(col("sparsity", "l0"), "{:.1f}"), ms(col("sparsity", "dead_fraction"), "{:.1f}", 100),
+            ms(col("downstream", "ce_clean"), "{:.3f}"), ms(col("downstream", "ce_sae"), "{:.3f}"),
+            ms(col("downstream", "ce_zero"), "{:.3f}"), ms(col("downstream", "loss_recovered")),
+            f"{ms(col('downstream', 'kl_sae'), '{:.3f}')} / {ms(col('downstream', 'kl_zero'), '{:.2f}')}",
+            ms(col("downstream", "contexts"), "{:.0f}")]) + " |")
+    return lines
+
+
+def overlap_table(overlaps: list) -> list[str]:
+    lines = ["| SAEs | pairs | PW-MCC (signed) | chance: subspace / isotropic | mean max \\|cos\\| | "
+             "chance: subspace / isotropic | shared (cos > 0.7 enc & dec) | matched act. corr (random pairs) | r (99% var) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for o in overlaps:
+        archs = sorted({s["arch"] for s in o["saes"]}, key=arch_key)
+        s, bs, bi = o["summary"], o.get("baseline_subspace") or {}, o["baseline_isotropic"]
+
+        def f(d, k, fmt="{:.3f}"):
+            m, sd = get(d, k, "mean"), get(d, k, "std")
+            if m != m:
+                return "n/a"
+            return f"{fmt.format(m)} ± {fmt.format(sd)}" if get(d, k, "n", default=1) > 1 else fmt.format(m)
+        lines.append("| " + " | ".join([
+            f"{'+'.join(archs)} × {len(o['saes'])}", str(len(o["pairs"])), f(s, "pw_mcc"),
+            f"{get(bs, 'pw_mcc', 'mean'):.3f} / {get(bi, 'pw_mcc', 'mean'):.3f}", f(s, "mean_max_abs_cos"),
+            f"{get(bs, 'mean_max_abs_cos', 'mean'):.3f} / {get(bi, 'mean_max_abs_cos', 'mean'):.3f}",
+            f(s, "shared_fraction"), f"{f(s, 'act_corr')} ({get(s, 'act_corr_random_pairs', 'mean'):.3f})",
+            str(get(o, "effective_subspace", "r", default="n/a"))]) + " |")
+    return lines
+
+
+# ----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    base = args.out.parent
+    evals, overlaps = collect(args)
     md = [f"# {args.title}", ""]
     if args.elapsed is not None:
         md += [f"Wall time of the run that wrote this: {args.elapsed / 60:.1f} min ({args.elapsed:.0f} s).", ""]
-    md += ["Metrics are defined once in `metrics.py` (formula in each docstring). EV = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² "
-           "(SAEBench, pooled over dimensions) on the SAE-held-out rows; dead = never active on those rows; "
-           "dense = active on > 10%. Loss recovered = (CE_zero − CE_sae) / (CE_zero − CE_clean) with the "
-           "reconstruction spliced in at its site (held-out rows). Purity: share of a latent's non-constant variance "
-           "over the p × p grid carried by one frequency (`modadd.grid_frequency_purity`); pure = purity ≥ 0.8; "
-           "coverage = share of the model's key frequencies with ≥ 1 pure latent; Fourier MCC = ground-truth "
-           "cos/sin directions of k·a, k·b, k·(a+b) per key k, Hungarian-matched to decoder rows on |cos|. "
-           "Random = TopK SAEs of the same shape with random unit decoder rows (k ≈ the SAE's L0); PCA = the "
-           "activations' principal directions. Overlap: PW-MCC is Hungarian on the *signed* decoder cosine; "
-           "chance levels are random unit dictionaries of the same shape, isotropic in R^d and inside the top-r "
-           "principal subspace holding 99% of the variance (mean-max: analytic; the rest: Monte Carlo).", ""]
-
+    md += [f"- {n}" for n in args.note] + ([""] if args.note else [])
+    md += ["Ground truth (`lib/ground_truth.py`): over all p² inputs each modular-addition site is fitted as "
+           "value tables x ≈ μ + O[a] + O[b] + C[(a+b) mod p] (+ other lines); a table with ≥ 2% of the site's "
+           "variance is a ground-truth feature set, its p rows the features. A feature is recovered when some "
+           "decoder row has cosine > 0.9 with it; chance = the same for random unit decoder rows of the SAE's shape "
+           "(isotropic / inside the top principal subspace holding 99% of the variance) and for the ± principal "
+           "directions. Seed agreement: features recovered by every seed, by both of a pair, and the cosine "
+           "between two seeds' latents matched to the same feature; the all-latent PW-MCC (Hungarian on signed "
+           "decoder cosine) stands beside its subspace chance. Every metric is defined once in `lib/metrics.py`.", ""]
     groups = defaultdict(list)
     for e in evals:
-        groups[group_key(e)].append(e)
-    ov_groups = defaultdict(list)
-    for o in overlaps:
-        ov_groups[str(Path(o["_path"]).parent.parent.parent)].append(o)
-    for (target, run), es in sorted(groups.items()):
-        md += [f"## {target}: {run}", ""]
-        if run and (Path(run) / "fourier.json").is_file():
-            fj = load_json(Path(run) / "fourier.json")
-            md += [f"Model key frequencies (fourier.json): {fj.get('key_frequencies')}; "
-                   f"restricted loss {get(fj, 'restricted_loss'):.4g}, excluded loss {get(fj, 'excluded_loss'):.4g}.", ""]
-            if (Path(run) / "fourier.png").is_file():
-                md += [f"![model Fourier structure]({rel(Path(run) / 'fourier.png', base)})", ""]
-        lines, stats = eval_table(es)
-        md += ["### Per architecture (mean ± std over SAE seeds)", ""] + lines + [""]
-        md += ["### Checks", ""] + checks(stats) + [""]
-        figs = []
-        for arch, st in stats.items():
-            d = next((x for x in st["density"] if x), None)
-            if d:
-                figs.append(f"![{arch} density]({rel(d, base)})")
-        if figs:
-            md += ["### Latent density (first seed per architecture)", ""] + figs + [""]
-    if overlaps:
-        md += ["## Seed-to-seed overlap", ""] + overlap_table(overlaps) + [""]
-        md += ["Headline: PW-MCC in excess of the subspace chance level (column 5).", ""]
-        for o in overlaps:
-            h = o.get("figures", {}).get("heatmaps")
-            if h:
-                archs = "+".join(sorted({s["arch"] for s in o["saes"]}))
-                md += [f"![{archs} overlap]({rel(h, base)})"]
-        md += [""]
+        groups[(e.get("target", "?"), e.get("acts", "?"))].append(e)
+    modadd_groups = {key: es for key, es in groups.items() if key[0] != "lm"}
+    lm_groups = {key: es for key, es in groups.items() if key[0] == "lm"}
+
+    if modadd_groups:
+        md += ["## The answer: does an SAE recover the model's own features, and do seeds agree?", ""]
+    detail = []
+    for (target, acts), es in sorted(modadd_groups.items(), key=lambda kv: kv[0][1]):
+        site = site_name(es[0])
+        study = [e for e in es if not e["_sweep"]]
+        sweep = [e for e in es if e["_sweep"]]
+        ov_study = [o for o in overlaps if not o["_sweep"] and o.get("acts") == acts]
+        ov_sweep = [o for o in overlaps if o["_sweep"] and o.get("acts") == acts]
+        shares = {n: get(es[0], "ground_truth", "tables", n, "share") for n in get(es[0], "ground_truth", "features",
+                                                                                  default=[])}
+        md += [f"### {site}", ""]
+        if study:
+            feats, rows = answer_rows(study, ov_study)
+            md += answer_table(feats, rows) + [""] + sentences(site, shares, rows) + [""] + goal_lines(rows) + [""]
+        if sweep:
+            md += [f"#### Where in (k, width) TopK finds them at {site}", ""]
+            md += sweep_section(sweep, ov_sweep, site, base, base / "figures")
+        detail += [f"### {site}: {rel(acts, base)}", "", "Per configuration (mean ± std over SAE seeds):", ""]
+        detail += modadd_table(study or es) + [""]
+        if ov_study:
+            detail += ["Seed-to-seed overlap over all latents:", ""] + overlap_table(ov_study) + [""]
+            detail += [f"![{'+'.join(sorted({s['arch'] for s in o['saes']}))} overlap]"
+                       f"({rel(o['figures']['heatmaps'], base)})" for o in ov_study if o.get("figures")] + [""]
+    if detail:
+        md += ["## Details per site", ""] + detail
+    for (target, acts), es in sorted(lm_groups.items(), key=lambda kv: kv[0][1]):
+        s = es[0].get("site") or {}
+        d = es[0].get("downstream") or {}
+        md += [f"## Language model: {d.get('model') or s.get('model')}, layer {s.get('layer', d.get('layer'))}, "
+               f"{s.get('site', d.get('site'))}", "",
+               f"Activations {rel(acts, base)}: {s.get('tokens') or 'n/a'} token rows; held-out rows and contexts "
+               f"as extracted. CE is next-token cross-entropy on held-out contexts with the site's output replaced by "
+               f"the SAE's reconstruction (with SAE) or by zeros (zero-ablated); loss recovered = (CE_zero − CE_sae) / "
+               f"(CE_zero − CE_clean).", ""] + lm_table(es) + [""]
+        ov = [o for o in overlaps if o.get("acts") == acts]
+        if ov:
+            md += ["Seed-to-seed overlap:", ""] + overlap_table(ov) + [""]
     md += ["## Sources", ""] + [f"- {rel(e['_path'], base)}" for e in evals] + \
           [f"- {rel(o['_path'], base)}" for o in overlaps] + [""]
     args.out.parent.mkdir(parents=True, exist_ok=True)

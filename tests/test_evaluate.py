@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lib import ground_truth as G
 from lib import metrics as M
 from lib import modadd
 from lib.common import UserError, save_json, save_tensors
@@ -99,12 +100,12 @@ def test_true_dictionary_scores_ev_one(tmp_path):
     assert rec["cosine_similarity"] == pytest.approx(1.0, abs=1e-5)
     assert rec["l2_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert r["sparsity"]["l0"] == pytest.approx(float((codes[2700:] > 0).sum(1).double().mean()), abs=1e-9)
-    assert r["rows"]["heldout"] == 300 and r["downstream"] is None and r["fourier"] is None
+    assert r["rows"]["heldout"] == 300 and r["downstream"] is None and r["ground_truth"] is None
     assert r["sae"]["seed"] == 7 and "code_version" in r and r["config"]["sae"] == str(tmp_path / "sae")
     assert Path(r["figures"]["density"]).is_file()
 
 
-def test_identity_splice_recovers_all_loss_and_fourier_baselines(tiny_run, tmp_path):
+def test_identity_splice_recovers_all_loss_and_ground_truth_beside_chance(tiny_run, tmp_path):
     r = evaluate(tmp_path, identity_sae(tiny_run["d"]), tiny_run["acts"], "--run", str(tiny_run["run"]),
                  "--n-random", "2")
     for split in ("heldout", "all"):
@@ -116,12 +117,16 @@ def test_identity_splice_recovers_all_loss_and_fourier_baselines(tiny_run, tmp_p
         assert d["acc_sae"] == d["acc_clean"]
     assert r["downstream"]["all"]["rows"] == tiny_run["p"] ** 2
     assert r["reconstruction"]["explained_variance"] == pytest.approx(1.0, abs=1e-6)
-    f = r["fourier"]
-    assert f["key_frequencies"] == [3, 5] and f["n_ground_truth_directions"] == 12
-    for key in ("fraction_pure", "key_coverage", "mcc"):
-        assert key in f["random_baseline"] and key in f["pca_baseline"]
-    assert len(f["per_latent"]["purity"]) == 2 * tiny_run["d"]
-    assert r["inputs"]["fourier_json"].endswith("fourier.json")
+    g = r["ground_truth"]
+    gt = G.load_ground_truth(G.ground_truth_path(tiny_run["acts"]))      # 02 wrote it beside the activations
+    assert g["features"] == gt.features and len(g["features"]) >= 1 and g["p"] == tiny_run["p"]
+    for name in g["features"]:
+        assert g["tables"][name]["share"] == pytest.approx(gt.info["tables"][name]["share"])
+        assert set(g["sae"][name]) >= {"mcc", "recovered", "selectivity", "plane_share", "best_cos"}
+        for chance in ("random_isotropic", "random_pca_subspace", "pca_signed"):
+            assert {"mcc", "recovered"} <= set(g["chance"][chance][name])
+        assert len(g["sae"][name]["best_cos"]) == tiny_run["p"]
+    assert r["inputs"]["ground_truth"].endswith(".ground_truth.safetensors")
 
 
 def test_zero_sae_recovers_no_loss(tiny_run, tmp_path):
@@ -132,25 +137,30 @@ def test_zero_sae_recovers_no_loss(tiny_run, tmp_path):
     assert r["downstream"]["heldout"]["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_random_decoder_sae_scores_near_random_baseline_and_planted_directions_score_one(tiny_run, tmp_path):
+def test_random_decoders_score_at_chance_and_planted_table_rows_score_one(tiny_run, tmp_path):
     t = load_tensors_(tiny_run["acts"])
-    x, a, b = t["activations"], t["a"], t["b"]
-    d, p = tiny_run["d"], tiny_run["p"]
-    # A random-decoder SAE, built exactly as the baseline is (different seed).
+    x = t["activations"]
+    d = tiny_run["d"]
+    gt = G.load_ground_truth(G.ground_truth_path(tiny_run["acts"]))
+    feats = G.ground_truth_features(gt)
+    # A random-decoder SAE, built exactly as the baseline is (another seed): recovers nothing, at chance MCC.
     l0 = 4
     rs = EVAL.random_decoder_sae(SAE(d, 96, "topk", k=l0), x, l0, torch.Generator().manual_seed(123))
     r = evaluate(tmp_path / "rand", rs, tiny_run["acts"], "--run", str(tiny_run["run"]), "--n-random", "5")
-    f = r["fourier"]
+    g = r["ground_truth"]
     assert r["sparsity"]["l0"] == pytest.approx(l0)
-    assert abs(f["mcc"] - f["random_baseline"]["mcc"]["mean"]) < 0.08
-    assert abs(f["fraction_pure"] - f["random_baseline"]["fraction_pure"]["mean"]) < 0.15
-    # Planting the ground-truth directions in the decoder gives MCC 1.
-    gt, _ = M.fourier_directions(x, a, b, p, [3, 5])
+    for name in g["features"]:
+        assert g["sae"][name]["recovered"] == 0.0 and g["chance"]["random_isotropic"][name]["recovered"] == 0.0
+        assert abs(g["sae"][name]["mcc"] - g["chance"]["random_isotropic"][name]["mcc"]) < 0.08
+    # Planting the table rows in the decoder recovers every feature, MCC 1, well above chance.
+    rows = torch.cat(list(feats.values())).float()
     with torch.no_grad():
-        rs.W_dec[: len(gt)] = gt.float()
+        rs.W_dec[: len(rows)] = rows
     r2 = evaluate(tmp_path / "planted", rs, tiny_run["acts"], "--run", str(tiny_run["run"]), "--n-random", "1")
-    assert r2["fourier"]["mcc"] == pytest.approx(1.0, abs=1e-5)
-    assert r2["fourier"]["mcc"] > r2["fourier"]["random_baseline"]["mcc"]["mean"] + 0.2
+    for name in r2["ground_truth"]["features"]:
+        m = r2["ground_truth"]["sae"][name]
+        assert m["recovered"] == 1.0 and m["mcc"] == pytest.approx(1.0, abs=1e-5)
+        assert m["mcc"] > r2["ground_truth"]["chance"]["random_isotropic"][name]["mcc"] + 0.2
 
 
 def load_tensors_(path):
@@ -170,13 +180,13 @@ def test_bad_input_is_one_line(tiny_run, tmp_path):
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "width" in lines[0], res.stderr
-    # A run directory without fourier.json.
+    # A run directory whose weights are not safetensors.
     run2 = tmp_path / "run2"
     run2.mkdir()
-    for name in ("model.safetensors", "config.json"):
-        (run2 / name).write_bytes((tiny_run["run"] / name).read_bytes())
+    (run2 / "config.json").write_bytes((tiny_run["run"] / "config.json").read_bytes())
+    (run2 / "model.safetensors").write_text("not safetensors")
     sdir = identity_sae(d).save(tmp_path / "ok")
-    with pytest.raises(UserError, match="fourier.json"):
+    with pytest.raises(UserError, match="model.safetensors"):
         EVAL.main(["--sae", str(sdir), "--acts", str(tiny_run["acts"]), "--run", str(run2),
                    "--out", str(tmp_path / "e2.json"), "--quiet"])
     assert not (tmp_path / "e2.json").exists()
@@ -209,7 +219,7 @@ def test_lm_branch_uses_lm_module(tmp_path, monkeypatch):
     monkeypatch.setattr(lm, "lm_downstream", lm_downstream)
     r = evaluate(tmp_path, identity_sae(d), acts_dir, "--max-rows", "50", "--max-contexts", "3")
     assert calls["rows"] == (acts_dir, 50) and calls["down"] == 3
-    assert r["target"] == "lm" and r["fourier"] is None
+    assert r["target"] == "lm" and r["ground_truth"] is None
     assert r["reconstruction"]["explained_variance"] == pytest.approx(1.0, abs=1e-6)
     assert r["downstream"]["loss_recovered"] == pytest.approx(0.9)
     # Width mismatch in the LM branch is one UserError too.

@@ -60,41 +60,6 @@ def test_loss_recovered_and_kl():
     assert M.accuracy(lg, labels) == 1.0
 
 
-@pytest.mark.parametrize("p", [17, 23])
-def test_purity_of_a_hand_built_fourier_latent(p):
-    a = torch.arange(p).repeat_interleave(p)
-    b = torch.arange(p).repeat(p)
-    pure = torch.cos(2 * math.pi * 5 * (a + b) / p)
-    pure_relu = pure.relu()                 # a ReLU'd wave adds harmonics 10, 15...: less pure
-    mixed = pure + torch.cos(2 * math.pi * 3 * a / p)
-    const = torch.full((p * p,), 2.0)
-    acts = torch.stack([pure, mixed, const, 3.0 * torch.sin(2 * math.pi * 5 * (a - b) / p)], 1)
-    # Shuffle the rows: placement on the grid must follow (a, b), not the row order.
-    perm = torch.randperm(p * p, generator=torch.Generator().manual_seed(0))
-    purity, k, alive = M.latent_frequency_purity(acts[perm], a[perm], b[perm], p)
-    assert purity[0].item() == pytest.approx(1.0, abs=1e-6) and k[0].item() == 5
-    assert purity[1].item() == pytest.approx(0.5, abs=1e-6)
-    assert purity[3].item() == pytest.approx(1.0, abs=1e-6) and k[3].item() == 5
-    assert alive.tolist() == [True, True, False, True]
-    s = M.purity_summary(purity, k, alive, [5, 7], 0.8)
-    assert s["fraction_pure"] == pytest.approx(2 / 3)
-    assert s["key_coverage"] == 0.5 and s["keys_covered"] == [5]
-    pr, kr, _ = M.latent_frequency_purity(pure_relu[:, None], a, b, p)
-    assert kr.item() == 5 and 0.5 < pr.item() < 1.0
-
-
-def test_latent_grids_rejects_incomplete_grid():
-    p = 5
-    a = torch.arange(p).repeat_interleave(p)
-    b = torch.arange(p).repeat(p)
-    with pytest.raises(ValueError):
-        M.latent_grids(torch.zeros(p * p - 1, 2), a[:-1], b[:-1], p)
-    b2 = b.clone()
-    b2[0] = 1                                  # (0, 1) twice, (0, 0) never
-    with pytest.raises(ValueError):
-        M.latent_grids(torch.zeros(p * p, 2), a, b2, p)
-
-
 def test_overlap_of_a_dictionary_with_itself_and_a_permuted_copy():
     g = torch.Generator().manual_seed(3)
     D = M.random_unit_rows(256, 32, g)
@@ -152,16 +117,3 @@ def test_activation_correlation_and_pca():
     assert abs(comps[0, 0]) > 0.99
 
 
-def test_fourier_directions_recover_planted_directions():
-    p = 17
-    a = torch.arange(p).repeat_interleave(p).double()
-    b = torch.arange(p).repeat(p).double()
-    g = torch.Generator().manual_seed(5)
-    U = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))[0]
-    w = 2 * math.pi * 3 / p
-    x = (torch.cos(w * (a + b))[:, None] * U[0] + 2 * torch.sin(w * a)[:, None] * U[1]
-         + 0.01 * torch.randn(p * p, 20, generator=g, dtype=torch.float64))
-    V, names = M.fourier_directions(x, a.long(), b.long(), p, [3])
-    assert len(names) == 6 and V.shape == (6, 20)
-    assert abs(float(V[names.index("cos3(a+b)")] @ U[0])) > 0.99
-    assert abs(float(V[names.index("sin3(a)")] @ U[1])) > 0.99

@@ -103,10 +103,53 @@ def test_bad_inputs(tmp_path, acts):
     d3 = make_sae(W, 3).save(tmp_path / "c")
     with pytest.raises(UserError, match="width"):
         OVERLAP.main(["--saes", str(d1), str(d3), "--acts", str(wrong), "--out", str(tmp_path / "o")])
-    with pytest.raises(UserError, match="--acts"):                   # no summary.json to find it from
-        OVERLAP.main(["--saes", str(d1), str(d3), "--out", str(tmp_path / "o")])
     res = subprocess.run([sys.executable, str(ROOT / "05_overlap.py"), "--saes", str(d1), "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     lines = res.stderr.strip().splitlines()
     assert res.returncode != 0 and len(lines) == 1 and "at least 2" in lines[0], res.stderr
     assert not (tmp_path / "o" / "overlap.json").exists()
+
+
+def test_saes_from_elsewhere_compare_without_activations(tmp_path):
+    """Two SAEs with no summary.json and no --acts (e.g. downloaded): decoder and encoder figures
+    beside isotropic chance; nothing that needs activations."""
+    W = M.random_unit_rows(48, 16, torch.Generator().manual_seed(1)).float()
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(2))
+    d1, d2 = make_sae(W, 1).save(tmp_path / "a"), make_sae(W[perm], 2).save(tmp_path / "b")
+    OVERLAP.main(["--saes", str(d1), str(d2), "--out", str(tmp_path / "o"), "--quiet", "--n-random", "2"])
+    r = json.loads((tmp_path / "o" / "overlap.json").read_text())
+    p = r["pairs"][0]
+    assert p["pw_mcc"] == pytest.approx(1.0, abs=1e-6) and p["shared_fraction"] == 1.0
+    assert r["acts"] is None and r["baseline_subspace"] is None and r["ground_truth"] is None
+    assert "act_corr" not in p and r["inputs"]["acts_from"] == "no activations given or found"
+    assert 0.2 < r["baseline_isotropic"]["pw_mcc"]["mean"] < 0.6
+    assert r["headline"]["pw_mcc_excess_over_isotropic"]["mean"] == pytest.approx(
+        1.0 - p["baselines"]["isotropic"]["pw_mcc"])
+
+
+def test_permuted_saes_agree_on_every_ground_truth_feature(tmp_path):
+    """Modular-addition activations planted from known value tables (p = 13): two SAEs whose decoders
+    hold the table rows in different orders recover every feature, both and every = 1, PW-MCC on the
+    matched latents 1; an SAE of random rows recovers none."""
+    from lib import ground_truth as G
+    p, d = 13, 24
+    g = torch.Generator().manual_seed(5)
+    a = torch.arange(p).repeat_interleave(p)
+    b = torch.arange(p).repeat(p)
+    O, C = torch.randn(p, d, generator=g), 3 * torch.randn(p, d, generator=g)
+    O, C = O - O.mean(0), C - C.mean(0)
+    x = 2.0 + O[a] + O[b] + C[(a + b) % p] + 0.01 * torch.randn(p * p, d, generator=g)
+    path = write_acts(tmp_path / "acts.safetensors", x.float(), extra={"a": a, "b": b, "c": (a + b) % p})
+    gt = G.fit_value_tables(x.double(), a, b, p)
+    assert gt.features == ["operand", "answer"]
+    rows = torch.cat([G.ground_truth_features(gt)[n] for n in gt.features]).float()
+    pad = M.random_unit_rows(40 - len(rows), d, g).float()
+    W = torch.cat([rows, pad])
+    perm = torch.randperm(40, generator=g)
+    saes = [make_sae(W, 1), make_sae(W[perm], 2), make_sae(M.random_unit_rows(40, d, g).float(), 3)]
+    r = run(tmp_path, saes, path, "--n-random", "1")
+    for name in ("operand", "answer"):
+        a_ = r["ground_truth"][name]
+        assert a_["recovered"][:2] == [1.0, 1.0] and a_["recovered"][2] == 0.0
+        assert a_["pairs"][0]["both"] == 1.0 and a_["pairs"][0]["pw_mcc_gt"] == pytest.approx(1.0, abs=1e-6)
+        assert a_["every"] == 0.0 and a_["chance_recovered"]["random_isotropic"] == 0.0

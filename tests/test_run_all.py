@@ -21,47 +21,77 @@ def test_run_all_parses_and_rejects_an_unknown_target(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def fake_eval(arch, seed, ev, l0, dead, mcc, mcc_rand):
-    return {"sae": {"arch": arch, "seed": seed, "d_sae": 1024, "path": f"x/{arch}/{seed}"}, "target": "modadd",
-            "run": "runs/modadd/seed42", "acts": "a.safetensors",
+def fake_eval(arch, seed, ev, l0, answer, chance=0.0, sweep_k=None):
+    k, d_sae = (sweep_k, 256) if sweep_k else (3, 384)
+    gt = {"features": ["operand", "answer"],
+          "tables": {"operand": {"share": 0.068}, "answer": {"share": 0.906}},
+          "sae": {"answer": {"recovered": answer, "mcc": 0.95, "selectivity": 0.9, "plane_share": 0.3, "n_features": 113},
+                  "operand": {"recovered": 0.5, "mcc": 0.8, "selectivity": 0.5, "plane_share": 0.2, "n_features": 113}},
+          "chance": {b: {"answer": {"recovered": chance}, "operand": {"recovered": chance}}
+                     for b in ("random_isotropic", "random_pca_subspace", "pca_signed")}}
+    return {"sae": {"arch": arch, "seed": seed, "k": k, "d_sae": d_sae, "path": f"x/{arch}/{seed}/{sweep_k}"},
+            "target": "modadd", "acts": "a.safetensors", "site": {"site": "resid_post", "layer": 0},
             "reconstruction": {"explained_variance": ev},
-            "sparsity": {"l0": l0, "dead_fraction": dead, "dense_fraction": 0.0},
+            "sparsity": {"l0": l0, "dead_fraction": 0.02, "dead_fraction_all_rows": 0.01, "dense_fraction": 0.0},
             "downstream": {"heldout": {"loss_recovered": 0.99, "kl_sae": 0.01, "kl_zero": 4.7}},
-            "fourier": {"fraction_pure": 0.1, "key_coverage": 0.4, "mcc": mcc,
-                        "random_baseline": {"fraction_pure": {"mean": 0.0}, "key_coverage": {"mean": 0.0},
-                                            "mcc": {"mean": mcc_rand, "max": mcc_rand + 0.005}},
-                        "pca_baseline": {"fraction_pure": 0.8, "key_coverage": 0.8, "mcc": 0.5}},
-            "figures": {}}
+            "ground_truth": gt, "figures": {}}
 
 
-def test_report_tables_and_checks(tmp_path):
+def fake_overlap(arch, seeds, every, sweep_k=None):
+    return {"saes": [{"arch": arch, "seed": s, "path": f"x/{arch}/{s}/{sweep_k}"} for s in seeds], "acts": "a.safetensors",
+            "summary": {"pw_mcc": {"mean": 0.7, "std": 0.0, "n": 1}}, "baseline_isotropic": {"pw_mcc": {"mean": 0.3}},
+            "baseline_subspace": {"pw_mcc": {"mean": 0.59}}, "pairs": [{}], "effective_subspace": {"r": 18},
+            "ground_truth": {"answer": {"every": every, "both": {"mean": every}, "pw_mcc_gt": {"mean": 0.98}},
+                             "operand": {"every": 0.4, "both": {"mean": 0.4}, "pw_mcc_gt": {"mean": 0.9}}}}
+
+
+def fake_lm_eval(arch, seed):
+    return {"sae": {"arch": arch, "seed": seed, "k": 32, "d_sae": 4608, "path": f"lm/{arch}/{seed}"},
+            "target": "lm", "acts": "runs/smollm2/acts/L15_resid_post",
+            "site": {"site": "resid_post", "layer": 15, "model": "smollm2", "tokens": 1000000},
+            "reconstruction": {"explained_variance": 0.8}, "sparsity": {"l0": 32.0, "dead_fraction": 0.1},
+            "downstream": {"ce_clean": 3.1, "ce_sae": 3.4, "ce_zero": 9.0, "loss_recovered": 0.95, "kl_sae": 0.3,
+                           "kl_zero": 6.0, "contexts": 32, "model": "smollm2", "layer": 15, "site": "resid_post"},
+            "ground_truth": None, "figures": {}}
+
+
+def write(path: Path, obj: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def test_report_leads_with_the_answer_and_states_each_goal(tmp_path):
     res = tmp_path / "results"
-    for i, s in enumerate((42, 123)):
-        p = res / "modadd" / "seed42" / "eval" / f"topk_seed{s}" / "eval.json"
-        p.parent.mkdir(parents=True)
-        p.write_text(json.dumps(fake_eval("topk", s, 0.95 + 0.01 * i, 32.0, 0.02, 0.46, 0.29)))
-        p = res / "modadd" / "seed42" / "eval" / f"relu_seed{s}" / "eval.json"
-        p.parent.mkdir(parents=True)
-        p.write_text(json.dumps(fake_eval("relu", s, 0.4, 30.0, 0.0, 0.3, 0.29)))
+    site = res / "modadd" / "seed42" / "resid_post"
+    for s, ans in ((42, 0.97), (123, 0.96)):
+        write(site / "eval" / f"topk_seed{s}" / "eval.json", fake_eval("topk", s, 0.95, 3.0, ans))
+        write(site / "eval" / f"relu_seed{s}" / "eval.json", fake_eval("relu", s, 0.9, 3.1, 0.5))
+        for k in (2, 32):
+            write(site / "sweep" / f"k{k}" / "eval" / f"topk_seed{s}" / "eval.json",
+                  fake_eval("topk", s, 0.9, k, 0.9 if k == 2 else 0.0, sweep_k=k))
+    write(site / "overlap" / "topk" / "overlap.json", fake_overlap("topk", (42, 123), 0.93))
+    write(site / "overlap" / "relu" / "overlap.json", fake_overlap("relu", (42, 123), 0.3))
+    for s in (42, 123):
+        write(res / "smollm2" / "eval" / f"topk_seed{s}" / "eval.json", fake_lm_eval("topk", s))
     # A quick-run result that the default report must leave out.
-    q = res / "quick" / "modadd" / "seed42" / "eval" / "topk_seed1" / "eval.json"
-    q.parent.mkdir(parents=True)
-    q.write_text(json.dumps({**fake_eval("topk", 1, 0.1, 8.0, 0.5, 0.2, 0.2), "run": "runs/quick/modadd/seed42"}))
+    write(res / "quick" / "modadd" / "eval" / "topk_seed1" / "eval.json", {**fake_eval("topk", 1, 0.1, 8.0, 0.2),
+                                                                            "acts": "runs/quick/a.safetensors"})
     out = subprocess.run([sys.executable, "-m", "lib.report", "--results", str(res), "--elapsed", "90",
                           "--exclude", str(res / "quick")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     md = (res / "REPORT.md").read_text()
-    assert "| topk | 2 (123, 42) | 1024 | 0.955 ± 0.005 | 32.0 ± 0.0 | 2.0 ± 0.0 | n/a |" in md
-    assert "| relu |" in md and "runs/quick" not in md
-    assert "**PASS** TopK EV > 0.9" in md and "**PASS** TopK L0 within 10-50" in md
-    assert "**PASS** TopK dead < 10%" in md and "**PASS** TopK Fourier-recovery MCC" in md
-    assert "1.5 min" in md
-    # A miss is reported as a miss.
-    for s in (42, 123):
-        p = res / "modadd" / "seed42" / "eval" / f"topk_seed{s}" / "eval.json"
-        p.write_text(json.dumps(fake_eval("topk", s, 0.85, 60.0, 0.2, 0.30, 0.29)))
-    subprocess.run([sys.executable, "-m", "lib.report", "--results", str(res), "--exclude", str(res / "quick")],
-                   check=True, capture_output=True, cwd=ROOT, timeout=120)
-    md = (res / "REPORT.md").read_text()
-    for what in ("EV > 0.9", "L0 within 10-50", "dead < 10%", "Fourier-recovery MCC"):
-        assert f"**MISS** TopK {what}" in md
+    assert md.index("## The answer") < md.index("## Details per site") < md.index("## Language model")
+    assert "| topk | 3 / 384 | 2 | 0% ± 0% |" not in md
+    assert "| topk | 3 / 384 | 2 | 50% ± 0% | 40% | 40% | 0.900 | 96% ± 0% | 93% | 93% | 0.980 |" in md
+    assert "**PASS** topk (k 3, 384 latents): every seed recovers >= 95% of the answer features: lowest seed 96%" in md
+    assert "**PASS** topk (k 3, 384 latents): the 2 seeds together recover >= 90% of them: 93%" in md
+    assert "**MISS** relu (k 3, 384 latents): every seed recovers >= 95%" in md
+    assert "**MISS** relu (k 3, 384 latents): the 2 seeds together recover >= 90% of them: 30%" in md
+    assert "topk with k 3 and 384 latents recovers 50% of the 113 operand features" in md
+    assert (res / "figures" / "sweep_resid_post.png").is_file() and "sweep_resid_post.png" in md
+    assert "At the seed guide's k 32 / 1024 latents" not in md       # no such cell in this sweep
+    # the LM section: model, layer, site, tokens; CE clean / with SAE / zero, loss recovered, KL
+    assert "## Language model: smollm2, layer 15, resid_post" in md and "1000000 token rows" in md
+    assert "| topk | 32 / 4608 | 2 | 0.800 ± 0.000 | 32.0 ± 0.0 | 10.0 ± 0.0 | 3.100 ± 0.000 | 3.400 ± 0.000 | " \
+           "9.000 ± 0.000 | 0.950 ± 0.000 |" in md
+    assert "runs/quick" not in md and "1.5 min" in md
