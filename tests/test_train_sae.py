@@ -323,17 +323,3 @@ def test_plain_activations_file_gets_a_seeded_ten_percent_holdout(tmp_path):
     s0, s1 = (json.loads((tmp_path / f"s{s}" / "summary.json").read_text()) for s in (0, 1))
     assert s0["n_heldout"] == 300 and s0["n_train"] == 2700 and "seeded 10%" in s0["split"]
     assert s0["heldout"]["rows"] == 300 and s0["heldout"]["mse"] != s1["heldout"]["mse"]
-
-
-def test_wandb_is_optional(k2, tmp_path, trainer, capsys):
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        code, err = call(trainer, capsys, "--acts", k2[0], "--out", tmp_path, "--tokens", 5120, "--wandb", "p",
-                         *BASE)
-        assert code == 2 and "--wandb needs the wandb package" in err and not (tmp_path / "metrics.jsonl").exists()
-    else:
-        env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-        p = subprocess.run([sys.executable, str(SCRIPT), "--acts", str(k2[0]), "--out", str(tmp_path), "--tokens",
-                            "5120", "--wandb", "p", *BASE], env=env, cwd=ROOT, capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr
