@@ -74,16 +74,20 @@ def get_args(argv=None):
     p.add_argument("--acts", required=True, help="activations.safetensors, or a directory holding it")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--arch", choices=ARCHS, default="topk")
-    p.add_argument("--k", type=int, default=32,
+    p.add_argument("--k", type=int, nargs="+", default=[32],
                    help="active latents per row: exact (topk), on average (batchtopk), the L0 that lambda is "
-                        "steered to (relu, jumprelu; unless --l1-coeff / --l0-coeff fix lambda)")
+                        "steered to (relu, jumprelu; unless --l1-coeff / --l0-coeff fix lambda); several values "
+                        "train one SAE each, over the same batches")
     p.add_argument("--expansion", type=float, default=8.0, help="d_sae = expansion * d_in")
-    p.add_argument("--d-sae", type=int, default=None, help="number of latents (overrides --expansion)")
+    p.add_argument("--d-sae", type=int, nargs="+", default=None,
+                   help="number of latents (overrides --expansion); several values train one SAE each")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=4096, help="global batch (split over processes)")
     p.add_argument("--tokens", type=int, default=None,
                    help="training rows to consume (default: max(2000 batches, 100 passes over the train rows))")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="SAE seed (init); several seeds train one SAE each in one pass over the data, "
+                        "in OUT/seed<S>/ (the batch order follows the first seed)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 10%% hold-out when the file has no train_mask")
     p.add_argument("--warmup-frac", type=float, default=0.05, help="lr warmup, fraction of steps")
     p.add_argument("--decay-frac", type=float, default=0.2, help="final linear lr decay to 0, fraction of steps")
@@ -123,9 +127,13 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     check(args.lr > 0 and math.isfinite(args.lr), f"--lr must be > 0 (got {args.lr})")
     check(args.batch_size > 0, f"--batch-size must be > 0 (got {args.batch_size})")
-    check(args.k > 0, f"--k must be > 0 (got {args.k})")
+    check(all(k > 0 for k in args.k), f"--k must be > 0 (got {' '.join(map(str, args.k))})")
     check(args.expansion > 0, f"--expansion must be > 0 (got {args.expansion})")
-    check(args.d_sae is None or args.d_sae > 0, f"--d-sae must be > 0 (got {args.d_sae})")
+    check(args.d_sae is None or all(d > 0 for d in args.d_sae),
+          f"--d-sae must be > 0 (got {' '.join(map(str, args.d_sae or []))})")
+    for name in ("seed", "k", "d_sae"):
+        v = getattr(args, name) or []
+        check(len(set(v)) == len(v), f"--{name.replace('_', '-')} lists a value twice")
     check(args.tokens is None or args.tokens > 0, f"--tokens must be > 0 (got {args.tokens})")
     check(0 <= args.warmup_frac < 1 and 0 <= args.decay_frac <= 1 and args.warmup_frac + args.decay_frac <= 1,
           "--warmup-frac and --decay-frac must lie in [0, 1] and sum to at most 1")
@@ -294,6 +302,119 @@ def tidy_out_dir(out: Path, resuming: bool, start: int) -> None:
 
 # ----------------------------------------------------------------------------
 
+class Run:
+    """One SAE being trained, and everything its checkpoint holds. Several runs share one pass
+    over the data: each batch is read once and every run takes a step on it."""
+
+    def __init__(self, name: str, out: Path, seed: int, k: int, d_sae: int):
+        self.name, self.out, self.seed, self.k, self.d_sae = name, out, seed, k, d_sae
+        self.resuming, self.start = False, 0
+        self.sae: SAE | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.since_fired: torch.Tensor | None = None    # [d_sae] tokens since each latent last fired
+        self.lam, self.steer = 0.0, False               # relu / jumprelu: lambda, fixed or steered toward L0 = k
+        self.l0: float | None = None                    # the last step's L0 over the global batch
+        self.ckpt_meta: dict = {}
+
+
+def plan_runs(args, d_in: int) -> list[Run]:
+    """One run per (k, d_sae, seed); a single run writes to --out itself, several to
+    --out/<k.._d.._>seed<S> (only the lists with more than one value name a directory)."""
+    ds = args.d_sae or [int(round(args.expansion * d_in))]
+    runs = []
+    for k in args.k:
+        for d_sae in ds:
+            check(k <= d_sae, f"--k {k} exceeds the number of latents d_sae={d_sae}")
+            for seed in args.seed:
+                parts = ([f"k{k}"] if len(args.k) > 1 else []) + ([f"d{d_sae}"] if len(ds) > 1 else []) + \
+                        ([f"seed{seed}"] if len(args.seed) > 1 or len(args.k) * len(ds) > 1 else [])
+                name = "_".join(parts)
+                runs.append(Run(name or "sae", Path(args.out) / name if name else Path(args.out), seed, k, d_sae))
+    return runs
+
+
+def build_run(run: Run, args, x_train: torch.Tensor, dev, dist: Dist) -> None:
+    """The SAE (initialised from its own seed: the same init as a run of its own), Adam, state."""
+    gen = seed_everything(run.seed)
+    run.sae = SAE(x_train.shape[1], run.d_sae, args.arch, run.k, k_aux=args.k_aux, auxk_coeff=args.auxk_coeff,
+                  l1_coeff=args.l1_coeff or 0.0, l0_coeff=args.l0_coeff or 0.0, bandwidth=args.bandwidth,
+                  init_threshold=args.init_threshold, init=args.init, generator=gen)
+    run.sae.init_b_dec_(x_train[torch.randperm(len(x_train), generator=gen)[:32768].to(dev)])   # Bricken et al. 2023
+    run.sae.to(dev).train()
+    dist.broadcast_([p.data for p in run.sae.parameters()])   # every process starts from rank 0's weights
+    try:
+        run.opt = torch.optim.Adam(run.sae.parameters(), lr=args.lr, fused=True)
+    except (RuntimeError, TypeError):
+        run.opt = torch.optim.Adam(run.sae.parameters(), lr=args.lr)
+    run.since_fired = torch.zeros(run.d_sae, dtype=torch.long, device=dev)
+    fixed = args.l1_coeff if args.arch == "relu" else args.l0_coeff if args.arch == "jumprelu" else 0.0
+    run.steer = fixed is None
+    run.lam = (0.01 if args.arch == "relu" else 1e-4) if run.steer else fixed
+
+
+def train_step(run: Run, x: torch.Tensor, step: int, steps: int, lr: float, args, dist: Dist, dead_tokens: int):
+    """One optimiser step of one SAE on batch x (this process's slice); returns its SAEOutput."""
+    sae, opt = run.sae, run.opt
+    # (1) schedule: lr, the L1 warmup, which latents are dead (AuxK)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    if args.arch == "relu":       # L1 warmup (Conerly et al. 2024), on top of any steering
+        coeff = run.lam * min(1.0, (step + 1) / max(1, int(args.l1_warmup_frac * steps)))
+    else:
+        coeff = run.lam if args.arch == "jumprelu" else None
+    use_auxk = args.arch in ("topk", "batchtopk") and not args.no_auxk
+    dead_mask = run.since_fired >= dead_tokens if use_auxk else None
+
+    # (2) forward and backward; gradients averaged over processes
+    out = sae(x, dead_mask=dead_mask, sparsity_coeff=coeff,
+              all_reduce=dist.all_reduce_sum_ if dist.world_size > 1 else None)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    dist.average_gradients_(sae.parameters())
+
+    # (3) the step under the decoder constraint, then the global statistics: which latents
+    # fired, L0, BatchTopK's smallest kept activation, lambda's steering toward L0 = k
+    sae.remove_parallel_grad_()                        # Bricken et al. 2023
+    opt.step()
+    sae.post_step_()                                   # unit-norm decoder rows, theta >= 0
+    with torch.no_grad():
+        stats = dist.all_reduce_sum_(torch.cat([out.fired.to(torch.float64), (out.l0 * x.shape[0]).view(1).double()]))
+        run.l0 = float(stats[-1]) / args.batch_size
+        run.since_fired = torch.where(stats[:-1] > 0, torch.zeros_like(run.since_fired), run.since_fired + args.batch_size)
+        if args.arch == "batchtopk" and out.min_active is not None:
+            sae.update_threshold_(float(dist.all_reduce_min_(out.min_active.detach().double().view(1).clone())))
+        if run.steer:             # integral control of lambda toward L0 = k, at most 2% a step
+            run.lam *= math.exp(0.02 * max(-1.0, min(1.0, math.log(max(run.l0, 1e-3) / run.k))))
+    return out
+
+
+def finish_run(run: Run, args, acts: Acts, x_held: torch.Tensor, scale: float, dev, dist: Dist, steps: int,
+               warmup: int, decay: int, dead_tokens: int, others: list[str]) -> dict:
+    """Back to the input's units, save the SAE (SAELens layout) and summary.json (written last)."""
+    sae = run.sae
+    sae.fold_input_scale_(scale)
+    sae.eval()
+    held = evaluate(sae, x_held.to(dev))
+    side = acts.sidecar
+    prov = provenance(args, seed=run.seed, d_in=acts.d_in, d_sae=run.d_sae, k=run.k, steps=steps,
+                      tokens=steps * args.batch_size, n_train=acts.n_train, n_heldout=len(x_held), split=acts.split,
+                      input_scale=scale, dead_tokens=dead_tokens, warmup_steps=warmup, decay_steps=decay,
+                      world_size=dist.world_size, acts_sha256_1mb=acts.sha256_1mb,
+                      trained_with=others)
+    sae.save(run.out, metadata={"model_name": args.model_name or side.get("model_name") or side.get("model"),
+                                "hook_name": args.hook_name or side.get("hook_name"),
+                                "input_scale_folded": scale, "seed": run.seed, "code_version": prov["code_version"],
+                                "training_config": prov["config"], "tokens": steps * args.batch_size})
+    save_json({**prov, "heldout": held, "final_train_l0": run.l0,
+               "final_lambda": run.lam if args.arch in ("relu", "jumprelu") else None,
+               "batchtopk_threshold": float(sae.threshold[0]) if args.arch == "batchtopk" else None,
+               "dead_frac": float((run.since_fired >= dead_tokens).float().mean())}, run.out / FINAL)
+    if not args.quiet:
+        print(f"saved {run.out}: held-out EV {held.get('ev', float('nan')):.4f}, L0 {held.get('l0', float('nan')):.1f}"
+              if held else f"saved {run.out} (no held-out rows)")
+    return held
+
+
 def main(argv=None):
     args = get_args(argv)
     dist = Dist(args.device)
@@ -308,9 +429,7 @@ def main(argv=None):
 def train(args, dist: Dist, dev: torch.device):
     # --- data and sizes (everything is checked before anything is written) -------------------
     acts, x_train, x_held = load_data(args)
-    d_in = acts.d_in
-    d_sae = args.d_sae or int(round(args.expansion * d_in))
-    check(args.k <= d_sae, f"--k {args.k} exceeds the number of latents d_sae={d_sae}")
+    runs = plan_runs(args, acts.d_in)
     n_train = acts.n_train
     check(args.batch_size <= n_train, f"--batch-size {args.batch_size} exceeds the {n_train} SAE-train rows of {acts.path}")
     check(args.batch_size % dist.world_size == 0,
@@ -319,111 +438,75 @@ def train(args, dist: Dist, dev: torch.device):
     steps = max(1, tokens // args.batch_size)
     warmup, decay = int(args.warmup_frac * steps), int(args.decay_frac * steps)
     dead_tokens = args.dead_tokens or min(10_000_000, n_train)
-    use_auxk = args.arch in ("topk", "batchtopk") and not args.no_auxk
     wandb = None
     if args.wandb and dist.master:                         # imported only when asked for
         try:
             import wandb
         except ImportError:
             raise UserError("--wandb needs the wandb package (pip install wandb)")
-    out = Path(args.out)
-    resuming = will_resume(args, out, dist)
-    prepare_out_dir(out, FINAL, overwrite=args.overwrite)
+    for run in runs:
+        run.resuming = will_resume(args, run.out, dist)
+    for run in runs:
+        prepare_out_dir(run.out, FINAL, overwrite=args.overwrite)
 
     # inputs scaled to unit mean squared norm (Lieberum et al. 2024); folded back at the end
     x_train = x_train.to(dev)
     scale = 1.0 if args.no_normalize else float(1.0 / x_train.double().pow(2).sum(1).mean().sqrt().clamp_min(1e-30))
     x_train.mul_(scale)
     eval_rows = (x_held.to(dev) * scale)[: args.eval_rows]
-    source = acts.batches(args.batch_size, args.seed, dist.rank, dist.world_size, x_train=x_train,
+    source = acts.batches(args.batch_size, args.seed[0], dist.rank, dist.world_size, x_train=x_train,
                           buffer_rows=args.buffer_rows, scale=scale, device=dev)
 
-    # --- the SAE, its optimiser and the training state ---------------------------------------
-    gen = seed_everything(args.seed)
-    sae = SAE(d_in, d_sae, args.arch, args.k, k_aux=args.k_aux, auxk_coeff=args.auxk_coeff,
-              l1_coeff=args.l1_coeff or 0.0, l0_coeff=args.l0_coeff or 0.0, bandwidth=args.bandwidth,
-              init_threshold=args.init_threshold, init=args.init, generator=gen)
-    sae.init_b_dec_(x_train[torch.randperm(len(x_train), generator=gen)[:32768].to(dev)])   # Bricken et al. 2023
-    sae.to(dev).train()
-    dist.broadcast_([p.data for p in sae.parameters()])   # every process starts from rank 0's weights
-    try:
-        opt = torch.optim.Adam(sae.parameters(), lr=args.lr, fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
-    since_fired = torch.zeros(d_sae, dtype=torch.long, device=dev)   # tokens since each latent last fired
-    # relu / jumprelu: lambda (l1_coeff / l0_coeff) is fixed by the flag, or steered toward L0 = k
-    fixed = args.l1_coeff if args.arch == "relu" else args.l0_coeff if args.arch == "jumprelu" else 0.0
-    steer = fixed is None
-    lam = (0.01 if args.arch == "relu" else 1e-4) if steer else fixed
-    start = 0
-    ckpt_meta = {"config": {k: v for k, v in vars(args).items() if k not in RESUME_FREE},
-                 "acts_sha256_1mb": acts.sha256_1mb, "d_in": d_in, "d_sae": d_sae, "n_train": n_train,
-                 "input_scale": scale, "data": source.state()}
-    if resuming:
-        check_same_run(out / CKPT, ckpt_meta, acts)
-        start, since_fired, lam = load_checkpoint(out / CKPT, sae, opt)
-        since_fired = since_fired.to(dev)
-    if dist.master:
-        tidy_out_dir(out, resuming, start)
+    # --- each SAE, its optimiser and its training state (or its checkpoint) -------------------
+    for run in runs:
+        build_run(run, args, x_train, dev, dist)
+        run.ckpt_meta = {"config": {k: v for k, v in vars(args).items() if k not in RESUME_FREE},
+                         "acts_sha256_1mb": acts.sha256_1mb, "d_in": acts.d_in, "d_sae": run.d_sae, "k": run.k,
+                         "seed": run.seed, "n_train": n_train, "input_scale": scale, "data": source.state()}
+        if run.resuming:
+            check_same_run(run.out / CKPT, run.ckpt_meta, acts)
+            run.start, run.since_fired, run.lam = load_checkpoint(run.out / CKPT, run.sae, run.opt)
+            run.since_fired = run.since_fired.to(dev)
+        if dist.master:
+            tidy_out_dir(run.out, run.resuming, run.start)
+    check(len({r.start for r in runs}) == 1, "--resume: the SAEs of this run were checkpointed at different steps "
+                                             f"({', '.join(f'{r.name} {r.start}' for r in runs)}); pass --overwrite")
+    start = runs[0].start
     if wandb is not None:
-        wandb.init(project=args.wandb, config={**vars(args), "d_in": d_in, "d_sae": d_sae, "steps": steps},
-                   dir=str(out), resume="allow")
+        wandb.init(project=args.wandb, config={**vars(args), "d_in": acts.d_in, "steps": steps,
+                                               "saes": [r.name for r in runs]},
+                   dir=str(runs[0].out), resume="allow")
 
-    # --- the loop ----------------------------------------------------------------------------
+    # --- the loop: every batch is read once and each SAE takes its step on it ----------------
     from tqdm import tqdm
     bar = tqdm(total=steps, initial=start, disable=args.quiet or not dist.master or not sys.stderr.isatty(),
                unit="step", dynamic_ncols=True)
-    red = dist.all_reduce_sum_ if dist.world_size > 1 else None
-    t_last, tok_last, l0_global = time.perf_counter(), start * args.batch_size, None
+    t_last, tok_last = time.perf_counter(), start * args.batch_size
     stop_at = steps if args.stop_after_steps is None else min(steps, start + args.stop_after_steps)
     for step in range(start, stop_at):
-        # (1) schedule and batch: lr warmup / decay, the L1 warmup, which latents are dead
         lr = lr_at(step, steps, args.lr, warmup, decay)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        if args.arch == "relu":       # L1 warmup (Conerly et al. 2024), on top of any steering
-            coeff = lam * min(1.0, (step + 1) / max(1, int(args.l1_warmup_frac * steps)))
-        else:
-            coeff = lam if args.arch == "jumprelu" else None
-        dead_mask = since_fired >= dead_tokens if use_auxk else None
         x = source.batch(step)
-
-        # (2) forward and backward; gradients averaged over processes
-        out_ = sae(x, dead_mask=dead_mask, sparsity_coeff=coeff, all_reduce=red)
-        opt.zero_grad(set_to_none=True)
-        out_.loss.backward()
-        dist.average_gradients_(sae.parameters())
-
-        # (3) the step under the decoder constraint, then the global statistics: which latents
-        # fired, L0, BatchTopK's smallest kept activation, lambda's steering toward L0 = k
-        sae.remove_parallel_grad_()                        # Bricken et al. 2023
-        opt.step()
-        sae.post_step_()                                   # unit-norm decoder rows, theta >= 0
-        with torch.no_grad():
-            stats = dist.all_reduce_sum_(torch.cat([out_.fired.to(torch.float64), (out_.l0 * x.shape[0]).view(1).double()]))
-            l0_global = float(stats[-1]) / args.batch_size
-            since_fired = torch.where(stats[:-1] > 0, torch.zeros_like(since_fired), since_fired + args.batch_size)
-            if args.arch == "batchtopk" and out_.min_active is not None:
-                sae.update_threshold_(float(dist.all_reduce_min_(out_.min_active.detach().double().view(1).clone())))
-            if steer:                 # integral control of lambda toward L0 = k, at most 2% a step
-                lam *= math.exp(0.02 * max(-1.0, min(1.0, math.log(max(l0_global, 1e-3) / args.k))))
+        outs = [train_step(run, x, step, steps, lr, args, dist, dead_tokens) for run in runs]
 
         # (4) log and checkpoint
         done = step + 1
         if done % args.log_every == 0 or done == steps:
-            terms = dist.all_reduce_mean_(torch.stack([out_.loss.detach()] + [v.detach() for v in out_.losses.values()]).double())
+            tps = (done * args.batch_size - tok_last) / max(1e-9, time.perf_counter() - t_last)
+            for run, out in zip(runs, outs):
+                terms = dist.all_reduce_mean_(torch.stack([out.loss.detach()] + [v.detach() for v in out.losses.values()]).double())
+                if dist.master:
+                    rec = log_record(done, args.batch_size, lr, out, terms, x, run.l0,
+                                     float((run.since_fired >= dead_tokens).float().mean()), tps, run.lam, run.sae,
+                                     evaluate(run.sae, eval_rows))
+                    append_jsonl(run.out / "metrics.jsonl", rec)
+                    if wandb is not None:
+                        wandb.log({(f"{run.name}/{k}" if len(runs) > 1 else k): v for k, v in rec.items()}, step=done)
             if dist.master:
-                tps = (done * args.batch_size - tok_last) / max(1e-9, time.perf_counter() - t_last)
-                rec = log_record(done, args.batch_size, lr, out_, terms, x, l0_global,
-                                 float((since_fired >= dead_tokens).float().mean()), tps, lam, sae,
-                                 evaluate(sae, eval_rows))
-                append_jsonl(out / "metrics.jsonl", rec)
-                if wandb is not None:
-                    wandb.log(rec, step=done)
                 bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['ev']:.3f}", l0=f"{rec['l0']:.1f}")
-                t_last, tok_last = time.perf_counter(), done * args.batch_size    # (excludes the eval)
+            t_last, tok_last = time.perf_counter(), done * args.batch_size    # (excludes the eval)
         if (done % args.ckpt_every == 0 or done == stop_at) and dist.master:
-            save_checkpoint(out / CKPT, sae, opt, done, since_fired, lam, ckpt_meta)
+            for run in runs:
+                save_checkpoint(run.out / CKPT, run.sae, run.opt, done, run.since_fired, run.lam, run.ckpt_meta)
         bar.update(1)
     bar.close()
     dist.barrier()
@@ -431,28 +514,13 @@ def train(args, dist: Dist, dev: torch.device):
         return
 
     # --- finish: back to the input's units, save, evaluate on the held-out rows ---------------
-    sae.fold_input_scale_(scale)
-    sae.eval()
-    held = evaluate(sae, x_held.to(dev))
-    side = acts.sidecar
-    prov = provenance(args, seed=args.seed, d_in=d_in, d_sae=d_sae, steps=steps, tokens=steps * args.batch_size,
-                      n_train=n_train, n_heldout=len(x_held), split=acts.split, input_scale=scale,
-                      dead_tokens=dead_tokens, warmup_steps=warmup, decay_steps=decay,
-                      world_size=dist.world_size, acts_sha256_1mb=acts.sha256_1mb)
-    sae.save(out, metadata={"model_name": args.model_name or side.get("model_name") or side.get("model"),
-                            "hook_name": args.hook_name or side.get("hook_name"),
-                            "input_scale_folded": scale, "seed": args.seed, "code_version": prov["code_version"],
-                            "training_config": prov["config"], "tokens": steps * args.batch_size})
-    save_json({**prov, "heldout": held, "final_train_l0": l0_global,
-               "final_lambda": lam if args.arch in ("relu", "jumprelu") else None,
-               "batchtopk_threshold": float(sae.threshold[0]) if args.arch == "batchtopk" else None,
-               "dead_frac": float((since_fired >= dead_tokens).float().mean())}, out / FINAL)
+    for run in runs:
+        held = finish_run(run, args, acts, x_held, scale, dev, dist, steps, warmup, decay, dead_tokens,
+                          [r.name for r in runs if r is not run])
+        if wandb is not None:
+            wandb.log({(f"final/{run.name}/{k}" if len(runs) > 1 else f"final/{k}"): v for k, v in held.items()})
     if wandb is not None:
-        wandb.log({f"final/{k}": v for k, v in held.items()})
         wandb.finish()
-    if not args.quiet:
-        print(f"saved {out}: held-out EV {held.get('ev', float('nan')):.4f}, L0 {held.get('l0', float('nan')):.1f}"
-              if held else f"saved {out} (no held-out rows)")
 
 
 if __name__ == "__main__":

@@ -323,3 +323,43 @@ def test_plain_activations_file_gets_a_seeded_ten_percent_holdout(tmp_path):
     s0, s1 = (json.loads((tmp_path / f"s{s}" / "summary.json").read_text()) for s in (0, 1))
     assert s0["n_heldout"] == 300 and s0["n_train"] == 2700 and "seeded 10%" in s0["split"]
     assert s0["heldout"]["rows"] == 300 and s0["heldout"]["mse"] != s1["heldout"]["mse"]
+
+
+# ----------------------------------------------------------------------------
+# several SAEs in one pass over the data
+
+def test_several_seeds_in_one_pass_are_the_runs_they_would_have_been(k2, tmp_path, trainer):
+    """--seed 1 2 3: one directory per seed, each what a single run writes. The batch order follows
+    the first seed, so seed 1 is bit-identical to its own run; seeds 2 and 3 start from their own
+    init and see the same rows in another order: held-out EV within 0.01 of their own runs."""
+    acts, _ = k2
+    args = ["--acts", acts, "--arch", "topk", "--expansion", "4", "--lr", "3e-3", "--tokens", 512 * 120,
+            "--ckpt-every", 40, *BASE]
+    trainer.main([str(a) for a in (*args, "--seed", 1, 2, 3, "--out", tmp_path / "many")])
+    for s in (1, 2, 3):
+        trainer.main([str(a) for a in (*args, "--seed", s, "--out", tmp_path / f"one{s}")])
+        d = tmp_path / "many" / f"seed{s}"
+        assert {p.name for p in d.iterdir()} >= {"sae_weights.safetensors", "cfg.json", "metrics.jsonl",
+                                                 "checkpoint.safetensors", "summary.json"}
+        many, one = (json.loads((p / "summary.json").read_text()) for p in (d, tmp_path / f"one{s}"))
+        assert many["seed"] == one["seed"] == s and SAE.load(d).metadata["seed"] == s
+        assert sorted(many["trained_with"]) == sorted(f"seed{t}" for t in (1, 2, 3) if t != s)
+        assert abs(many["heldout"]["ev"] - one["heldout"]["ev"]) < 0.01
+    _same_run(tmp_path / "many" / "seed1", tmp_path / "one1")
+    wa, wb = weights(tmp_path / "many" / "seed2"), weights(tmp_path / "one2")
+    assert not torch.equal(wa["W_dec"], wb["W_dec"])                 # another batch order: not the same bits
+    # killed and resumed, the pass ends where an unbroken one does
+    trainer.main([str(a) for a in (*args, "--seed", 1, 2, 3, "--out", tmp_path / "cut", "--stop-after-steps", 50)])
+    trainer.main([str(a) for a in (*args, "--seed", 1, 2, 3, "--out", tmp_path / "cut", "--resume")])
+    for s in (1, 2, 3):
+        _same_run(tmp_path / "many" / f"seed{s}", tmp_path / "cut" / f"seed{s}")
+
+
+def test_lists_of_k_and_d_sae_name_one_directory_each(k2, tmp_path, trainer):
+    acts, _ = k2
+    trainer.main([str(a) for a in ("--acts", acts, "--out", tmp_path, "--k", 2, 4, "--d-sae", 128, 256,
+                                   "--tokens", 512 * 10, *BASE[2:])])
+    for k in (2, 4):
+        for d in (128, 256):
+            cfg = json.loads((tmp_path / f"k{k}_d{d}_seed0" / "cfg.json").read_text())
+            assert cfg["k"] == k and cfg["d_sae"] == d
