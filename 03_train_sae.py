@@ -25,17 +25,24 @@ Writes to --out:
     summary.json                        written last (a run is finished when it exists):
                                         config, seed, code version, held-out metrics
 
-Defaults follow the modular-addition study: d_sae = 8 d_in, k 32, batch 4096, Adam
-lr 3e-4, warmed up over the first 5% of steps and decayed linearly to 0 over the last
-20% (Conerly et al. 2024). Length: --tokens, by default the larger of 2000 batches and
-100 passes over the SAE-train rows. Inputs are scaled to unit mean squared norm
-(Lieberum et al. 2024) unless --no-normalize; the scale is folded into the saved
-weights, so the saved SAE takes and returns activations in their own units.
---k is the L0 of every architecture: exact per row (topk), on average (batchtopk), or
+Several SAEs train in one pass: lists of --seed, --k, --d-sae give one SAE each (in
+OUT/seed<S>/, or OUT/k<K>_d<D>_seed<S>/), every batch read once and used by all of them; each
+starts from its own seed's init, the batch order follows the first seed.
+
+Defaults, chosen by bench/sweep_sae_recipe.py on the modular-addition data and kept sound for
+LM streams: d_sae = 8 d_in; Adam with lr 6e-4 * sqrt(16384 / d_sae) * sqrt(batch / 4096) (the lr
+scaling of Gao et al. 2024 and sparsify, times 3); batch 4096, or for a small data set the largest
+power of two <= train rows / 8 (1024 on modular addition). Length: until the held-out loss
+plateaus (class Schedule: warmup, flat, then a linear decay over 20% of the steps done so far,
+Conerly et al. 2024's final decay started by the plateau), at most --max-tokens; the reason it
+stopped is in summary.json. --tokens N instead trains exactly N rows (5% warmup, last 20% decay).
+Inputs are scaled to unit mean squared norm (Lieberum et al. 2024) unless --no-normalize; the
+scale is folded into the saved weights, so the saved SAE takes and returns activations in their
+own units. --k is the L0 of every architecture: exact per row (topk), on average (batchtopk), or
 the target that lambda is steered to (relu, jumprelu: lambda grows or shrinks by up to
-2% a step with log(L0/k)) unless --l1-coeff / --l0-coeff fix lambda. Dead latents
-(AuxK's, and the logged dead fraction) have not fired for --dead-tokens: by default
-10M tokens as in Gao et al. 2024, but at most one pass over the SAE-train rows.
+--steer-gain (log) a step with log(L0/k)) unless --l1-coeff / --l0-coeff fix lambda. Dead latents
+(not fired for --dead-tokens: 10M tokens as in Gao et al. 2024, at most one pass over the
+SAE-train rows) are trained by AuxK, for every architecture (sae.py).
 
 Under torchrun every process takes its slice of the same global batch, gradients are
 averaged with one all-reduce per step (gloo on CPU, nccl on GPU), and the dead-latent
@@ -67,6 +74,7 @@ OUTPUTS = ("sae_weights.safetensors", "cfg.json", "metrics.jsonl", CKPT, FINAL)
 # (--acts may be spelled differently: the file itself is checked by its hash)
 RESUME_FREE = {"acts", "out", "resume", "overwrite", "quiet", "wandb", "stop_after_steps", "threads",
                "device", "log_every", "ckpt_every", "buffer_rows"}
+DEFAULT_MAX_TOKENS = 24_000_000      # the plateau schedule's cap on an in-memory data set
 
 
 def get_args(argv=None):
@@ -81,29 +89,50 @@ def get_args(argv=None):
     p.add_argument("--expansion", type=float, default=8.0, help="d_sae = expansion * d_in")
     p.add_argument("--d-sae", type=int, nargs="+", default=None,
                    help="number of latents (overrides --expansion); several values train one SAE each")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--batch-size", type=int, default=4096, help="global batch (split over processes)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam lr (default 6e-4 * sqrt(16384 / d_sae) * sqrt(batch / 4096): 3x the lr scaling of "
+                        "Gao et al. 2024 / sparsify, square-root scaled with the batch; bench/sweep_sae_recipe.py)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch, split over processes (default: 4096, or for a small data set the largest "
+                        "power of two <= train rows / 8, so that a pass holds at least 8 steps)")
     p.add_argument("--tokens", type=int, default=None,
-                   help="training rows to consume (default: max(2000 batches, 100 passes over the train rows))")
+                   help="train for exactly this many rows (warmup and final decay as fractions of it); default: "
+                        "until the held-out loss plateaus (see --max-tokens, --plateau-window)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="cap of the plateau schedule (default: max(24M, one pass) for a file, one pass for LM shards)")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations (plateau rule)")
+    p.add_argument("--plateau-window", type=int, default=10,
+                   help="plateau: the best held-out FVU of the last W evaluations improved on the best before them "
+                        "by less than --plateau-tol (relative), dead latents stopped reviving, L0 near k")
+    p.add_argument("--plateau-tol", type=float, default=0.02)
+    p.add_argument("--warmup-steps", type=int, default=100, help="lr warmup of the plateau schedule")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="SAE seed (init); several seeds train one SAE each in one pass over the data, "
                         "in OUT/seed<S>/ (the batch order follows the first seed)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 10%% hold-out when the file has no train_mask")
-    p.add_argument("--warmup-frac", type=float, default=0.05, help="lr warmup, fraction of steps")
-    p.add_argument("--decay-frac", type=float, default=0.2, help="final linear lr decay to 0, fraction of steps")
+    p.add_argument("--warmup-frac", type=float, default=0.05, help="with --tokens: lr warmup, fraction of steps")
+    p.add_argument("--decay-frac", type=float, default=0.2,
+                   help="final linear lr decay to 0: a fraction of the steps (--tokens) or of the steps done when "
+                        "the plateau is reached")
     p.add_argument("--init", choices=("tied", "orthogonal"), default="tied",
                    help="random unit decoder rows with W_enc = W_dec^T, or a semi-orthogonal W_dec")
     p.add_argument("--no-normalize", action="store_true", help="do not scale inputs to unit mean squared norm")
     p.add_argument("--l1-coeff", type=float, default=None,
                    help="relu: fixed L1 coefficient (default: steered so that L0 approaches --k)")
-    p.add_argument("--l1-warmup-frac", type=float, default=0.05, help="relu: L1 coefficient ramps up from 0")
+    p.add_argument("--l1-warmup-frac", type=float, default=0.05,
+                   help="relu: L1 coefficient ramps up from 0 over this fraction of the (maximum) steps")
+    p.add_argument("--steer-gain", type=float, default=None,
+                   help="relu / jumprelu: lambda moves by at most this log-factor a step toward L0 = k "
+                        "(default 0.005 relu, 0.02 jumprelu)")
     p.add_argument("--l0-coeff", type=float, default=None,
                    help="jumprelu: fixed lambda; default: lambda is steered so that L0 approaches --k")
-    p.add_argument("--bandwidth", type=float, default=1e-3, help="jumprelu: STE kernel width eps")
+    p.add_argument("--bandwidth", type=float, default=5e-3,
+                   help="jumprelu: STE kernel width eps (inputs at unit mean squared norm; SAELens's 0.05 at "
+                        "|x| = sqrt(d_in) is 0.0044 at d_in 128)")
     p.add_argument("--init-threshold", type=float, default=1e-3, help="jumprelu: initial theta")
     p.add_argument("--k-aux", type=int, default=None, help="AuxK latents (default d_in/2)")
     p.add_argument("--auxk-coeff", type=float, default=1 / 32)
-    p.add_argument("--no-auxk", action="store_true", help="topk/batchtopk without the AuxK loss")
+    p.add_argument("--no-auxk", action="store_true", help="no AuxK loss (the dead-latent remedy of every arch)")
     p.add_argument("--dead-tokens", type=int, default=None,
                    help="a latent is dead after this many tokens without firing (default min(10M, train rows))")
     p.add_argument("--log-every", type=int, default=50)
@@ -125,8 +154,8 @@ def get_args(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases")
     args = p.parse_args(argv)
-    check(args.lr > 0 and math.isfinite(args.lr), f"--lr must be > 0 (got {args.lr})")
-    check(args.batch_size > 0, f"--batch-size must be > 0 (got {args.batch_size})")
+    check(args.lr is None or (args.lr > 0 and math.isfinite(args.lr)), f"--lr must be > 0 (got {args.lr})")
+    check(args.batch_size is None or args.batch_size > 0, f"--batch-size must be > 0 (got {args.batch_size})")
     check(all(k > 0 for k in args.k), f"--k must be > 0 (got {' '.join(map(str, args.k))})")
     check(args.expansion > 0, f"--expansion must be > 0 (got {args.expansion})")
     check(args.d_sae is None or all(d > 0 for d in args.d_sae),
@@ -135,6 +164,10 @@ def get_args(argv=None):
         v = getattr(args, name) or []
         check(len(set(v)) == len(v), f"--{name.replace('_', '-')} lists a value twice")
     check(args.tokens is None or args.tokens > 0, f"--tokens must be > 0 (got {args.tokens})")
+    check(args.max_tokens is None or args.max_tokens > 0, f"--max-tokens must be > 0 (got {args.max_tokens})")
+    check(args.eval_every > 0 and args.plateau_window > 0 and args.plateau_tol >= 0 and args.warmup_steps >= 0,
+          "--eval-every and --plateau-window must be > 0, --plateau-tol and --warmup-steps >= 0")
+    check(args.steer_gain is None or args.steer_gain > 0, f"--steer-gain must be > 0 (got {args.steer_gain})")
     check(0 <= args.warmup_frac < 1 and 0 <= args.decay_frac <= 1 and args.warmup_frac + args.decay_frac <= 1,
           "--warmup-frac and --decay-frac must lie in [0, 1] and sum to at most 1")
     check(0 <= args.l1_warmup_frac <= 1, "--l1-warmup-frac must lie in [0, 1]")
@@ -179,6 +212,67 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, decay: int) -> float:
     return lr
 
 
+class Schedule:
+    """A run's learning rate and length.
+
+    fixed (--tokens): linear warmup over the first warmup_frac of the steps, flat, linear decay
+        to 0 over the last decay_frac (Conerly et al. 2024).
+    plateau (default): warmup over --warmup-steps, then flat until the held-out loss stops
+        improving (`update`, every --eval-every steps): the best held-out FVU of the last W
+        evaluations beats the best before them by less than max(tol * best_before, 0.001), the
+        dead fraction fell by less than 0.5 points over those W evaluations, and (relu, jumprelu)
+        the held-out L0 is within 10% of k. Then lr decays linearly to 0 over decay_frac of the
+        steps done so far and the run stops: the decay is what a converged run needs last, not a
+        fixed share of a guessed length. If the cap (max steps) comes first, the decay starts in
+        time to end there. `reason` says which, for summary.json."""
+
+    def __init__(self, lr: float, max_steps: int, warmup: int, decay_frac: float, fixed: bool,
+                 window: int = 10, tol: float = 0.02):
+        self.lr0, self.max_steps, self.warmup, self.decay_frac, self.fixed = lr, max_steps, warmup, decay_frac, fixed
+        self.window, self.tol = window, tol
+        self.fvu, self.dead = [], []
+        self.decay_start, self.end, self.reason = None, max_steps, None
+        if fixed:
+            self.decay_start, self.reason = max_steps - int(decay_frac * max_steps), "fixed length (--tokens)"
+
+    def lr(self, step: int) -> float:
+        if self.fixed:
+            return lr_at(step, self.max_steps, self.lr0, self.warmup, self.max_steps - self.decay_start)
+        if step < self.warmup:
+            return self.lr0 * (step + 1) / self.warmup
+        if self.decay_start is not None and step >= self.decay_start:
+            return self.lr0 * max(0.0, (self.end - step) / max(1, self.end - self.decay_start))
+        return self.lr0
+
+    def update(self, done: int, fvu: float, dead_frac: float, l0_ok: bool) -> None:
+        """After step `done`: record the held-out FVU and dead fraction; start the decay at a plateau."""
+        if self.fixed or self.decay_start is not None:
+            return
+        self.fvu.append(fvu)
+        self.dead.append(dead_frac)
+        W = self.window
+        if len(self.fvu) >= 2 * W:
+            before, recent = min(self.fvu[:-W]), min(self.fvu[-W:])
+            flat = before - recent < max(self.tol * before, 1e-3)
+            revived = self.dead[-1] < self.dead[-1 - W] - 0.005
+            if flat and not revived and l0_ok:
+                self.decay_start = done
+                self.end = min(self.max_steps, done + max(1, int(self.decay_frac * done)))
+                self.reason = f"held-out loss plateau at step {done}"
+                return
+        last_start = self.max_steps - max(1, int(self.decay_frac * self.max_steps))
+        if done >= last_start:
+            self.decay_start, self.reason = done, "maximum length (--max-tokens) reached before a plateau"
+
+    def state(self) -> dict:
+        return {"fvu": self.fvu, "dead": self.dead, "decay_start": self.decay_start, "end": self.end,
+                "reason": self.reason}
+
+    def load(self, st: dict) -> None:
+        self.fvu, self.dead = list(st["fvu"]), list(st["dead"])
+        self.decay_start, self.end, self.reason = st["decay_start"], st["end"], st["reason"]
+
+
 @torch.no_grad()
 def evaluate(sae: SAE, x: torch.Tensor, chunk: int = 8192) -> dict:
     """EV, MSE, L0 and never-fired fraction of sae's inference code on rows x."""
@@ -217,14 +311,15 @@ def log_record(done: int, batch_size: int, lr: float, out, terms: torch.Tensor, 
 # ----------------------------------------------------------------------------
 # Checkpoints and resume: safetensors tensors + JSON in the header; no pickle.
 
-def save_checkpoint(path: Path, sae: SAE, opt, step: int, since_fired, lam: float, meta: dict) -> None:
+def save_checkpoint(path: Path, sae: SAE, opt, step: int, since_fired, lam: float, meta: dict,
+                    schedule: dict | None = None) -> None:
     t = {f"sae.{k}": v for k, v in sae.state_dict().items()}
     for i, p in enumerate(opt.param_groups[0]["params"]):
         for k, v in opt.state.get(p, {}).items():
             t[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
     t["since_fired"] = since_fired
     t["rng.torch"] = torch.get_rng_state()
-    save_tensors(t, path, metadata={"state": json.dumps({"step": step, "lam": lam, **meta})})
+    save_tensors(t, path, metadata={"state": json.dumps({"step": step, "lam": lam, "schedule": schedule, **meta})})
 
 
 def checkpoint_state(path: Path) -> dict:
@@ -314,6 +409,8 @@ class Run:
         self.since_fired: torch.Tensor | None = None    # [d_sae] tokens since each latent last fired
         self.lam, self.steer = 0.0, False               # relu / jumprelu: lambda, fixed or steered toward L0 = k
         self.l0: float | None = None                    # the last step's L0 over the global batch
+        self.schedule: Schedule | None = None           # lr and length
+        self.finished = False
         self.ckpt_meta: dict = {}
 
 
@@ -333,7 +430,25 @@ def plan_runs(args, d_in: int) -> list[Run]:
     return runs
 
 
-def build_run(run: Run, args, x_train: torch.Tensor, dev, dist: Dist) -> None:
+def default_batch(n_train: int) -> int:
+    """4096 rows (sparsify's and SAELens's usual batch), or, for a data set too small for that,
+    the largest power of two <= n_train / 8: on 11,492 modular-addition rows 1024, so a pass is
+    eleven steps, not three (what revives dead latents is the number of steps)."""
+    b = 4096
+    while b > 1 and b > n_train / 8:
+        b //= 2
+    return b
+
+
+def default_lr(d_sae: int, batch_size: int) -> float:
+    """6e-4 * sqrt(16384 / d_sae) * sqrt(batch / 4096): the lr scaling of Gao et al. 2024 (sparsify,
+    dictionary_learning: 2e-4 at 16k latents) times 3, square-root scaled with the batch;
+    bench/sweep_sae_recipe.py found it revives dead latents on the small modular-addition data
+    within a few thousand steps and stays stable for every arch."""
+    return 6e-4 * math.sqrt(16384 / d_sae) * math.sqrt(batch_size / 4096)
+
+
+def build_run(run: Run, args, x_train: torch.Tensor, dev, dist: Dist, max_steps: int) -> None:
     """The SAE (initialised from its own seed: the same init as a run of its own), Adam, state."""
     gen = seed_everything(run.seed)
     run.sae = SAE(x_train.shape[1], run.d_sae, args.arch, run.k, k_aux=args.k_aux, auxk_coeff=args.auxk_coeff,
@@ -342,28 +457,33 @@ def build_run(run: Run, args, x_train: torch.Tensor, dev, dist: Dist) -> None:
     run.sae.init_b_dec_(x_train[torch.randperm(len(x_train), generator=gen)[:32768].to(dev)])   # Bricken et al. 2023
     run.sae.to(dev).train()
     dist.broadcast_([p.data for p in run.sae.parameters()])   # every process starts from rank 0's weights
+    lr = args.lr or default_lr(run.d_sae, args.batch_size)
     try:
-        run.opt = torch.optim.Adam(run.sae.parameters(), lr=args.lr, fused=True)
+        run.opt = torch.optim.Adam(run.sae.parameters(), lr=lr, fused=True)
     except (RuntimeError, TypeError):
-        run.opt = torch.optim.Adam(run.sae.parameters(), lr=args.lr)
+        run.opt = torch.optim.Adam(run.sae.parameters(), lr=lr)
+    if args.tokens:
+        run.schedule = Schedule(lr, max_steps, int(args.warmup_frac * max_steps), args.decay_frac, fixed=True)
+    else:
+        run.schedule = Schedule(lr, max_steps, min(args.warmup_steps, max_steps // 10), args.decay_frac, fixed=False,
+                                window=args.plateau_window, tol=args.plateau_tol)
     run.since_fired = torch.zeros(run.d_sae, dtype=torch.long, device=dev)
     fixed = args.l1_coeff if args.arch == "relu" else args.l0_coeff if args.arch == "jumprelu" else 0.0
     run.steer = fixed is None
     run.lam = (0.01 if args.arch == "relu" else 1e-4) if run.steer else fixed
 
 
-def train_step(run: Run, x: torch.Tensor, step: int, steps: int, lr: float, args, dist: Dist, dead_tokens: int):
+def train_step(run: Run, x: torch.Tensor, step: int, args, dist: Dist, dead_tokens: int):
     """One optimiser step of one SAE on batch x (this process's slice); returns its SAEOutput."""
-    sae, opt = run.sae, run.opt
+    sae, opt, steps = run.sae, run.opt, run.schedule.max_steps
     # (1) schedule: lr, the L1 warmup, which latents are dead (AuxK)
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = run.schedule.lr(step)
     if args.arch == "relu":       # L1 warmup (Conerly et al. 2024), on top of any steering
         coeff = run.lam * min(1.0, (step + 1) / max(1, int(args.l1_warmup_frac * steps)))
     else:
         coeff = run.lam if args.arch == "jumprelu" else None
-    use_auxk = args.arch in ("topk", "batchtopk") and not args.no_auxk
-    dead_mask = run.since_fired >= dead_tokens if use_auxk else None
+    dead_mask = None if args.no_auxk else run.since_fired >= dead_tokens
 
     # (2) forward and backward; gradients averaged over processes
     out = sae(x, dead_mask=dead_mask, sparsity_coeff=coeff,
@@ -383,23 +503,26 @@ def train_step(run: Run, x: torch.Tensor, step: int, steps: int, lr: float, args
         run.since_fired = torch.where(stats[:-1] > 0, torch.zeros_like(run.since_fired), run.since_fired + args.batch_size)
         if args.arch == "batchtopk" and out.min_active is not None:
             sae.update_threshold_(float(dist.all_reduce_min_(out.min_active.detach().double().view(1).clone())))
-        if run.steer:             # integral control of lambda toward L0 = k, at most 2% a step
-            run.lam *= math.exp(0.02 * max(-1.0, min(1.0, math.log(max(run.l0, 1e-3) / run.k))))
+        if run.steer:             # integral control of lambda toward L0 = k, at most `gain` (log) a step
+            gain = args.steer_gain or (0.005 if args.arch == "relu" else 0.02)
+            run.lam *= math.exp(gain * max(-1.0, min(1.0, math.log(max(run.l0, 1e-3) / run.k))))
     return out
 
 
-def finish_run(run: Run, args, acts: Acts, x_held: torch.Tensor, scale: float, dev, dist: Dist, steps: int,
-               warmup: int, decay: int, dead_tokens: int, others: list[str]) -> dict:
+def finish_run(run: Run, args, acts: Acts, x_held: torch.Tensor, scale: float, dev, dist: Dist,
+               dead_tokens: int, others: list[str]) -> dict:
     """Back to the input's units, save the SAE (SAELens layout) and summary.json (written last)."""
-    sae = run.sae
+    sae, sch = run.sae, run.schedule
+    steps = sch.end
     sae.fold_input_scale_(scale)
     sae.eval()
     held = evaluate(sae, x_held.to(dev))
     side = acts.sidecar
     prov = provenance(args, seed=run.seed, d_in=acts.d_in, d_sae=run.d_sae, k=run.k, steps=steps,
                       tokens=steps * args.batch_size, n_train=acts.n_train, n_heldout=len(x_held), split=acts.split,
-                      input_scale=scale, dead_tokens=dead_tokens, warmup_steps=warmup, decay_steps=decay,
-                      world_size=dist.world_size, acts_sha256_1mb=acts.sha256_1mb,
+                      input_scale=scale, dead_tokens=dead_tokens, lr=sch.lr0, warmup_steps=sch.warmup,
+                      decay_start=sch.decay_start, stop_reason=sch.reason, max_steps=sch.max_steps,
+                      heldout_fvu_history=sch.fvu, world_size=dist.world_size, acts_sha256_1mb=acts.sha256_1mb,
                       trained_with=others)
     sae.save(run.out, metadata={"model_name": args.model_name or side.get("model_name") or side.get("model"),
                                 "hook_name": args.hook_name or side.get("hook_name"),
@@ -410,8 +533,8 @@ def finish_run(run: Run, args, acts: Acts, x_held: torch.Tensor, scale: float, d
                "batchtopk_threshold": float(sae.threshold[0]) if args.arch == "batchtopk" else None,
                "dead_frac": float((run.since_fired >= dead_tokens).float().mean())}, run.out / FINAL)
     if not args.quiet:
-        print(f"saved {run.out}: held-out EV {held.get('ev', float('nan')):.4f}, L0 {held.get('l0', float('nan')):.1f}"
-              if held else f"saved {run.out} (no held-out rows)")
+        print(f"saved {run.out}: held-out EV {held.get('ev', float('nan')):.4f}, L0 {held.get('l0', float('nan')):.1f}, "
+              f"{steps} steps ({sch.reason})" if held else f"saved {run.out} (no held-out rows)")
     return held
 
 
@@ -431,12 +554,12 @@ def train(args, dist: Dist, dev: torch.device):
     acts, x_train, x_held = load_data(args)
     runs = plan_runs(args, acts.d_in)
     n_train = acts.n_train
+    args.batch_size = args.batch_size or default_batch(n_train)
     check(args.batch_size <= n_train, f"--batch-size {args.batch_size} exceeds the {n_train} SAE-train rows of {acts.path}")
     check(args.batch_size % dist.world_size == 0,
           f"--batch-size {args.batch_size} is not divisible by the {dist.world_size} processes")
-    tokens = args.tokens or (n_train if acts.kind == "shards" else max(2000 * args.batch_size, 100 * n_train))
-    steps = max(1, tokens // args.batch_size)
-    warmup, decay = int(args.warmup_frac * steps), int(args.decay_frac * steps)
+    tokens = args.tokens or args.max_tokens or (n_train if acts.kind == "shards" else max(DEFAULT_MAX_TOKENS, n_train))
+    max_steps = max(1, tokens // args.batch_size)
     dead_tokens = args.dead_tokens or min(10_000_000, n_train)
     wandb = None
     if args.wandb and dist.master:                         # imported only when asked for
@@ -444,6 +567,8 @@ def train(args, dist: Dist, dev: torch.device):
             import wandb
         except ImportError:
             raise UserError("--wandb needs the wandb package (pip install wandb)")
+    if args.resume and len(runs) > 1:                      # a killed pass may have finished some SAEs
+        runs = [r for r in runs if not (r.out / FINAL).exists()] or runs
     for run in runs:
         run.resuming = will_resume(args, run.out, dist)
     for run in runs:
@@ -459,7 +584,7 @@ def train(args, dist: Dist, dev: torch.device):
 
     # --- each SAE, its optimiser and its training state (or its checkpoint) -------------------
     for run in runs:
-        build_run(run, args, x_train, dev, dist)
+        build_run(run, args, x_train, dev, dist, max_steps)
         run.ckpt_meta = {"config": {k: v for k, v in vars(args).items() if k not in RESUME_FREE},
                          "acts_sha256_1mb": acts.sha256_1mb, "d_in": acts.d_in, "d_sae": run.d_sae, "k": run.k,
                          "seed": run.seed, "n_train": n_train, "input_scale": scale, "data": source.state()}
@@ -467,58 +592,67 @@ def train(args, dist: Dist, dev: torch.device):
             check_same_run(run.out / CKPT, run.ckpt_meta, acts)
             run.start, run.since_fired, run.lam = load_checkpoint(run.out / CKPT, run.sae, run.opt)
             run.since_fired = run.since_fired.to(dev)
+            if checkpoint_state(run.out / CKPT).get("schedule"):
+                run.schedule.load(checkpoint_state(run.out / CKPT)["schedule"])
         if dist.master:
             tidy_out_dir(run.out, run.resuming, run.start)
     check(len({r.start for r in runs}) == 1, "--resume: the SAEs of this run were checkpointed at different steps "
                                              f"({', '.join(f'{r.name} {r.start}' for r in runs)}); pass --overwrite")
     start = runs[0].start
     if wandb is not None:
-        wandb.init(project=args.wandb, config={**vars(args), "d_in": acts.d_in, "steps": steps,
-                                               "saes": [r.name for r in runs]},
-                   dir=str(runs[0].out), resume="allow")
+        one = len(runs) == 1                               # the resolved sizes, one value per SAE
+        sizes = {n: getattr(runs[0], n) if one else [getattr(r, n) for r in runs] for n in ("seed", "k", "d_sae")}
+        wandb.init(project=args.wandb, config={**vars(args), **sizes, "d_in": acts.d_in, "max_steps": max_steps,
+                                               "saes": [r.name for r in runs]}, dir=str(runs[0].out), resume="allow")
 
-    # --- the loop: every batch is read once and each SAE takes its step on it ----------------
+    # --- the loop: every batch is read once and each live SAE takes its step on it -----------
     from tqdm import tqdm
-    bar = tqdm(total=steps, initial=start, disable=args.quiet or not dist.master or not sys.stderr.isatty(),
+    bar = tqdm(total=max_steps, initial=start, disable=args.quiet or not dist.master or not sys.stderr.isatty(),
                unit="step", dynamic_ncols=True)
     t_last, tok_last = time.perf_counter(), start * args.batch_size
-    stop_at = steps if args.stop_after_steps is None else min(steps, start + args.stop_after_steps)
+    stop_at = max_steps if args.stop_after_steps is None else min(max_steps, start + args.stop_after_steps)
     for step in range(start, stop_at):
-        lr = lr_at(step, steps, args.lr, warmup, decay)
+        live = [r for r in runs if not r.finished]
+        if not live:
+            break
         x = source.batch(step)
-        outs = [train_step(run, x, step, steps, lr, args, dist, dead_tokens) for run in runs]
+        outs = [train_step(run, x, step, args, dist, dead_tokens) for run in live]
 
-        # (4) log and checkpoint
+        # (4) evaluate (the plateau rule), log, checkpoint, finish the SAEs whose schedule ends here
         done = step + 1
-        if done % args.log_every == 0 or done == steps:
-            tps = (done * args.batch_size - tok_last) / max(1e-9, time.perf_counter() - t_last)
-            for run, out in zip(runs, outs):
+        log = done % args.log_every == 0 or any(done == r.schedule.end for r in live)
+        tps = (done * args.batch_size - tok_last) / max(1e-9, time.perf_counter() - t_last)
+        for run, out in zip(live, outs):
+            plateau_eval = not run.schedule.fixed and done % args.eval_every == 0
+            held = evaluate(run.sae, eval_rows) if (plateau_eval or log) else {}
+            if plateau_eval and held:
+                run.schedule.update(done, 1.0 - held["ev"], float((run.since_fired >= dead_tokens).float().mean()),
+                                    args.arch in ("topk", "batchtopk") or abs(held["l0"] / run.k - 1) <= 0.10)
+            if log:
                 terms = dist.all_reduce_mean_(torch.stack([out.loss.detach()] + [v.detach() for v in out.losses.values()]).double())
                 if dist.master:
-                    rec = log_record(done, args.batch_size, lr, out, terms, x, run.l0,
-                                     float((run.since_fired >= dead_tokens).float().mean()), tps, run.lam, run.sae,
-                                     evaluate(run.sae, eval_rows))
+                    rec = log_record(done, args.batch_size, run.schedule.lr(step), out, terms, x, run.l0,
+                                     float((run.since_fired >= dead_tokens).float().mean()), tps, run.lam, run.sae, held)
                     append_jsonl(run.out / "metrics.jsonl", rec)
                     if wandb is not None:
                         wandb.log({(f"{run.name}/{k}" if len(runs) > 1 else k): v for k, v in rec.items()}, step=done)
-            if dist.master:
-                bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['ev']:.3f}", l0=f"{rec['l0']:.1f}")
+                    bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['ev']:.3f}", l0=f"{rec['l0']:.1f}")
+            if dist.master and (done % args.ckpt_every == 0 or done == stop_at or done == run.schedule.end):
+                save_checkpoint(run.out / CKPT, run.sae, run.opt, done, run.since_fired, run.lam, run.ckpt_meta,
+                                run.schedule.state())
+            if done == run.schedule.end:                   # this SAE is done: save it, the rest go on
+                run.finished = True
+                if dist.master:
+                    held = finish_run(run, args, acts, x_held, scale, dev, dist, dead_tokens,
+                                      [r.name for r in runs if r is not run])
+                    if wandb is not None:
+                        wandb.log({(f"final/{run.name}/{k}" if len(runs) > 1 else f"final/{k}"): v
+                                   for k, v in held.items()})
+        if log:
             t_last, tok_last = time.perf_counter(), done * args.batch_size    # (excludes the eval)
-        if (done % args.ckpt_every == 0 or done == stop_at) and dist.master:
-            for run in runs:
-                save_checkpoint(run.out / CKPT, run.sae, run.opt, done, run.since_fired, run.lam, run.ckpt_meta)
         bar.update(1)
     bar.close()
     dist.barrier()
-    if stop_at < steps or not dist.master:                 # --stop-after-steps: leave as if killed
-        return
-
-    # --- finish: back to the input's units, save, evaluate on the held-out rows ---------------
-    for run in runs:
-        held = finish_run(run, args, acts, x_held, scale, dev, dist, steps, warmup, decay, dead_tokens,
-                          [r.name for r in runs if r is not run])
-        if wandb is not None:
-            wandb.log({(f"final/{run.name}/{k}" if len(runs) > 1 else f"final/{k}"): v for k, v in held.items()})
     if wandb is not None:
         wandb.finish()
 

@@ -10,12 +10,13 @@ with W_enc [d_in, d_sae] and W_dec [d_sae, d_in] (one row per latent: its dictio
 direction). They differ only in sigma and in how sparsity enters the loss:
 
   relu       f = ReLU(pre)                          L = |x - x_hat|^2 + l1_coeff * sum_i f_i
-  topk       f = ReLU(TopK_k(pre)), each row        L = |x - x_hat|^2 + (1/32) * AuxK        (Gao et al. 2024)
-  batchtopk  f = ReLU(TopK_{k*B}(pre)), whole batch L = |x - x_hat|^2 + (1/32) * AuxK        (Bussmann et al. 2024)
+  topk       f = ReLU(TopK_k(pre)), each row        L = |x - x_hat|^2                        (Gao et al. 2024)
+  batchtopk  f = ReLU(TopK_{k*B}(pre)), whole batch L = |x - x_hat|^2                        (Bussmann et al. 2024)
              at inference f = pre * 1[pre > theta]  (theta learned during training)
   jumprelu   f = pre * H(pre - theta), theta per latent
                                                     L = |x - x_hat|^2 + lambda * sum_i H(pre_i - theta_i)
                                                                                              (Rajamanoharan et al. 2024)
+and every architecture adds (1/32) * AuxK while some latents are dead (below).
 
 |.|^2 is summed over d_in and averaged over the batch. The tricks, each where it is used:
   * b_dec is subtracted before encoding and initialised to the geometric median of the
@@ -26,6 +27,10 @@ direction). They differ only in sigma and in how sparsity enters the loss:
     (or `init="orthogonal"`: a semi-orthogonal W_dec, rows then rescaled to unit norm)
   * AuxK: the k_aux most active *dead* latents reconstruct the residual e = x - x_hat;
     loss |e - e_hat|^2 / |e - mean(e)|^2, coefficient 1/32      Gao et al. 2024 (App. A.2)
+    For relu and jumprelu the dead latents' raw pre-activations are used, not ReLU'd: a
+    dead ReLU latent has pre <= 0 on every row, so only the raw value gives it a gradient
+    toward the residual (the dead-latent remedy measured best here: bench/sweep_sae_recipe.py;
+    Bricken et al. 2023's resampling, also tried, revived fewer and cost reconstruction).
   * BatchTopK's inference threshold: EMA of the smallest kept activation, so that one
     row's code does not depend on the rest of its batch         Bussmann et al. 2024
   * JumpReLU's straight-through pseudo-gradients, rectangle kernel of width eps; theta is
@@ -279,7 +284,7 @@ class SAE(nn.Module):
         else:
             out, pre = self._forward_dense(x, sparsity_coeff)
         losses = {"mse": F.mse_loss(out.x_hat, x, reduction="sum") / x.shape[0], **out.losses}
-        if self.training and self.arch in ("topk", "batchtopk") and dead_mask is not None:
+        if self.training and dead_mask is not None:
             e_hat = kernels.sparse_auxk_e_hat(self, x_c, pre, dead_mask) if fast else self._auxk_e_hat(pre, dead_mask)
             e = (x - out.x_hat).detach()
             aux = self._auxk_loss(e, e_hat, all_reduce) if e_hat is not None else out.x_hat.new_zeros(())
@@ -336,13 +341,15 @@ class SAE(nn.Module):
 
     def _auxk_e_hat(self, pre, dead_mask):
         """e_hat = the k_aux largest pre-activations among dead latents, per row, decoded
-        (no b_dec: the residual e already lacks it). None when no latent is dead."""
+        (no b_dec: the residual e already lacks it); ReLU'd for the TopK family, raw for relu
+        and jumprelu (see the module docstring). None when no latent is dead."""
         k_aux = min(self.k_aux, int(dead_mask.sum()))
         if k_aux == 0:
             return None
         with torch.no_grad():
             i = torch.where(dead_mask, pre, -torch.inf).topk(k_aux, dim=-1).indices
-        aux = torch.zeros_like(pre).scatter(-1, i, pre.gather(-1, i).relu())
+        v = pre.gather(-1, i)
+        aux = torch.zeros_like(pre).scatter(-1, i, v.relu() if self.arch in ("topk", "batchtopk") else v)
         return aux @ self.W_dec
 
     def _auxk_loss(self, e, e_hat, all_reduce):

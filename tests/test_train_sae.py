@@ -93,7 +93,8 @@ def test_topk_recovers_the_true_features(k2, tmp_path):
 
 
 @pytest.mark.parametrize("arch,extra", [("batchtopk", []), ("relu", ["--l1-coeff", "0.05"]),
-                                        ("jumprelu", ["--l0-coeff", "0.003"]), ("relu", []), ("jumprelu", [])],
+                                        ("jumprelu", ["--l0-coeff", "0.003"]), ("relu", ["--steer-gain", "0.02"]),
+                                        ("jumprelu", [])],
                          ids=["batchtopk", "relu", "jumprelu", "relu-steered", "jumprelu-steered"])
 def test_each_architecture_trains(arch, extra, k2, tmp_path):
     acts, _ = k2
@@ -104,14 +105,14 @@ def test_each_architecture_trains(arch, extra, k2, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert_unit_rows(out)
     l0 = [r["l0"] for r in m]
-    if arch == "batchtopk" or extra:            # fixed coefficients: the loss falls
+    if arch == "batchtopk" or extra and "--steer-gain" not in extra:    # fixed coefficients: the loss falls
         assert m[-1]["loss"] < 0.5 * m[0]["loss"] and m[-1]["mse"] < 0.5 * m[0]["mse"]
     if arch == "batchtopk":      # the threshold at inference keeps L0 near the training L0 (= k)
         assert summary["final_train_l0"] == pytest.approx(2.0)
         assert abs(summary["heldout"]["l0"] - 2.0) < 0.1 * 2.0
         assert SAE.load(out).arch == "batchtopk"
         assert json.loads((out / "cfg.json").read_text())["architecture"] == "jumprelu"
-    if not extra and arch in ("relu", "jumprelu"):   # lambda steered: L0 falls to its target k = 2
+    if (not extra or "--steer-gain" in extra) and arch in ("relu", "jumprelu"):   # lambda steered: L0 -> k = 2
         assert l0[0] > 10 and abs(l0[-1] - 2) < 0.5 and abs(summary["heldout"]["l0"] - 2) < 0.5
         assert m[-1]["lambda"] > 10 * m[0]["lambda"]
     if arch == "jumprelu":       # theta moves (stored directly; see sae.py), it does not sit at its init
@@ -130,6 +131,73 @@ def test_auxk_revives_latents_that_die_without_it(k2, tmp_path):
     assert with_["dead_frac"] < 0.5 * without["dead_frac"]
     assert with_["heldout"]["ev"] > without["heldout"]["ev"]
     assert any(r["auxk_loss"] > 0 for r in metrics(tmp_path / "auxk"))
+
+
+@pytest.mark.parametrize("arch,lr,gain,margin", [("relu", "3e-2", "0.02", 0.3), ("jumprelu", "1e-2", "0.05", 0.05)])
+def test_auxk_revives_relu_and_jumprelu_latents(arch, lr, gain, margin, k2, tmp_path):
+    """The dead-latent remedy of ReLU and JumpReLU: AuxK on the dead latents' raw pre-activations
+    (sae.py). A high lr and fast lambda steering kill latents; the same run with AuxK leaves fewer
+    dead and reconstructs better (JumpReLU's revival is the weaker one: a latent must cross theta)."""
+    acts, _ = k2
+    args = ["--acts", acts, "--arch", arch, "--k", "2", "--expansion", "8", "--lr", lr, "--steer-gain", gain,
+            "--tokens", 512 * 400, "--batch-size", "512", "--quiet"]
+    run(*args, "--out", tmp_path / "auxk")
+    run(*args, "--out", tmp_path / "plain", "--no-auxk")
+    with_, without = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("auxk", "plain"))
+    assert with_["dead_frac"] < without["dead_frac"] - margin
+    assert with_["heldout"]["ev"] > without["heldout"]["ev"]
+    assert any(r.get("auxk_loss", 0) > 0 for r in metrics(tmp_path / "auxk"))
+    assert all("auxk_loss" not in r for r in metrics(tmp_path / "plain"))
+
+
+def test_schedule_stops_a_converged_run_and_not_a_falling_one():
+    """The plateau rule (Schedule): a flat held-out loss starts the final decay after 2W evaluations
+    and the run ends decay_frac later; a loss still falling 3% an evaluation never triggers it, so
+    that run decays only at the cap; nor does a flat loss while dead latents are still reviving."""
+    sched = trainer_module().Schedule
+    flat = sched(1e-3, 100_000, 100, 0.2, fixed=False, window=10, tol=0.02)
+    for i in range(1, 30):
+        flat.update(100 * i, 0.05, 0.01, True)
+    assert flat.decay_start == 2000 and flat.end == 2400 and "plateau at step 2000" in flat.reason
+    assert flat.lr(1999) == 1e-3 and flat.lr(2200) == pytest.approx(0.5e-3) and flat.lr(2399) > 0
+    falling = sched(1e-3, 20_000, 100, 0.2, fixed=False, window=10, tol=0.02)
+    fvu = 1.0
+    for i in range(1, 200):
+        fvu *= 0.97
+        falling.update(100 * i, fvu, 0.0, True)
+    assert falling.decay_start == 16_000 and falling.end == 20_000 and "maximum length" in falling.reason
+    reviving = sched(1e-3, 100_000, 100, 0.2, fixed=False, window=10, tol=0.02)
+    for i in range(1, 30):
+        reviving.update(100 * i, 0.05, 0.5 - 0.01 * i, True)           # loss flat, dead fraction still falling
+    assert reviving.decay_start is None
+    steering = sched(1e-3, 100_000, 100, 0.2, fixed=False, window=10, tol=0.02)
+    for i in range(1, 30):
+        steering.update(100 * i, 0.05, 0.0, False)                     # L0 not yet near k
+    assert steering.decay_start is None
+
+
+def test_default_run_stops_at_its_plateau_and_says_why(k2, tmp_path):
+    acts, _ = k2
+    run("--acts", acts, "--out", tmp_path, "--arch", "topk", "--k", "2", "--expansion", "8", "--eval-every", "20",
+        "--plateau-window", "5", "--quiet")
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["stop_reason"].startswith("held-out loss plateau at step") and s["steps"] < s["max_steps"]
+    assert s["config"]["batch_size"] == 2048 and s["lr"] == pytest.approx(6e-4 * (16384 / 512) ** 0.5 * (2048 / 4096) ** 0.5)
+    assert s["heldout"]["ev"] > 0.9 and len(s["heldout_fvu_history"]) >= 10
+    m = metrics(tmp_path)
+    assert m[-1]["step"] == s["steps"] and m[-1]["lr"] < 0.1 * m[len(m) // 2]["lr"]     # it ended on the decay
+
+
+_TRAINER = None
+
+
+def trainer_module():
+    global _TRAINER
+    if _TRAINER is None:
+        spec = importlib.util.spec_from_file_location("train_sae_sched", SCRIPT)
+        _TRAINER = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_TRAINER)
+    return _TRAINER
 
 
 # ----------------------------------------------------------------------------

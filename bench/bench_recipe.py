@@ -1,0 +1,90 @@
+"""Every architecture trained with 03's defaults at the study's low-L0 configurations: the
+table of the issue "Every architecture trained right at low L0".
+
+    .venv/bin/python bench/bench_recipe.py                     # 4 archs x 3 configs, 2 jobs at a time
+    .venv/bin/python bench/bench_recipe.py --archs topk relu --configs post:3:384 --jobs 1
+
+Each row is `03_train_sae.py --acts ACTS --arch A --k K --d-sae D` and nothing else (defaults for
+lr, batch, length, AuxK, schedule), then: held-out EV and L0 (summary.json), dead = never active
+on any of the site's rows (train and held-out, all p^2 inputs), steps, why it stopped, wall
+seconds (one torch thread per job; --jobs run side by side), answer / operand features recovered
+at cos > 0.9 (lib/ground_truth.py). Goals: dead <= 10% (TopK <= 5%), EV within 0.03 of TopK at
+the same config, L0 within 10% of k. Needs the seed-42 model's activations (run_all.sh makes them,
+or: 01 --seed 42 --out runs/modadd/seed42; 02 --run runs/modadd/seed42 --site S --out ...).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lib import ground_truth as G  # noqa: E402
+from lib import metrics as M  # noqa: E402
+from lib.activations import encode_all, open_acts  # noqa: E402
+from sae import SAE  # noqa: E402
+
+CONFIGS = ["post:3:384", "post:32:1024", "mid:2:256"]
+ARCHS = ["topk", "batchtopk", "relu", "jumprelu"]
+
+
+def train(acts: Path, out: Path, arch: str, k: int, d_sae: int, extra: list) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, str(ROOT / "03_train_sae.py"), "--acts", str(acts), "--out", str(out),
+                        "--arch", arch, "--k", str(k), "--d-sae", str(d_sae), "--threads", "1", "--quiet",
+                        "--overwrite", *extra], capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        raise SystemExit(f"03 failed for {arch} k {k} d_sae {d_sae}: {p.stderr.strip()[-500:]}")
+    return time.perf_counter() - t0
+
+
+def score(acts_path: Path, out: Path) -> dict:
+    acts = open_acts(acts_path)
+    sae = SAE.load(out)
+    codes, _ = encode_all(sae, acts.x)
+    s = json.loads((out / "summary.json").read_text())
+    gt, _ = G.load_or_fit(acts)
+    rec = G.score_decoder(gt, sae.W_dec.detach().double())
+    return {"ev": s["heldout"]["ev"], "l0": s["heldout"]["l0"], "dead": M.dead_fraction(codes), "steps": s["steps"],
+            "stop": s["stop_reason"], "lr": s["lr"], "batch": s["config"]["batch_size"],
+            **{f"rec_{n}": v["recovered"] for n, v in rec.items()}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", type=Path, default=ROOT / "runs" / "modadd" / "seed42")
+    ap.add_argument("--archs", nargs="+", default=ARCHS)
+    ap.add_argument("--configs", nargs="+", default=CONFIGS, help="site:k:d_sae (site post or mid)")
+    ap.add_argument("--jobs", type=int, default=2, help="trainings side by side (one torch thread each)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_recipe")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more 03 flags for every run")
+    a = ap.parse_args()
+    jobs = []
+    for cfg in a.configs:
+        site, k, d = cfg.split(":")
+        acts = a.run / "acts" / f"resid_{site}.safetensors"
+        if not acts.is_file():
+            raise SystemExit(f"{acts} is missing: extract it with 02_extract_activations.py --site resid_{site}")
+        for arch in a.archs:
+            jobs.append((cfg, arch, acts, a.out / f"{site}_k{k}_d{d}" / arch, int(k), int(d)))
+    with ThreadPoolExecutor(a.jobs) as pool:
+        secs = list(pool.map(lambda j: train(j[2], j[3], j[1], j[4], j[5], a.extra), jobs))
+    rows = [(j, s, score(j[2], j[3])) for j, s in zip(jobs, secs)]
+    print(f"03 defaults, {len(rows)} runs, {a.jobs} side by side, 1 torch thread each")
+    print(f"{'config':16s} {'arch':10s} {'EV':>7s} {'dTopK':>6s} {'L0':>6s} {'dead':>6s} {'answer':>7s} "
+          f"{'operand':>7s} {'steps':>6s} {'batch':>5s} {'lr':>8s} {'s':>6s}  stop")
+    topk_ev = {j[0]: r["ev"] for j, _, r in rows if j[1] == "topk"}
+    for j, s, r in rows:
+        d_ev = r["ev"] - topk_ev.get(j[0], float("nan"))
+        print(f"{j[0]:16s} {j[1]:10s} {r['ev']:7.4f} {d_ev:+6.3f} {r['l0']:6.2f} {100 * r['dead']:5.1f}% "
+              f"{100 * r.get('rec_answer', float('nan')):6.1f}% {100 * r.get('rec_operand', float('nan')):6.1f}% "
+              f"{r['steps']:6d} {r['batch']:5d} {r['lr']:8.2e} {s:6.0f}  {r['stop']}")
+
+
+if __name__ == "__main__":
+    main()
