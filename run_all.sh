@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# The default study, end to end: 01 (train the model) -> 02 (activations) -> 03 (SAEs) ->
-# 04 (evaluate each SAE) -> 05 (seed-to-seed overlap per architecture) -> results/REPORT.md.
+# The default study, end to end: 01 (train the model) -> 02 (activations and their ground truth)
+# -> a TopK sweep over k and width at resid_post (03 trains a whole width's grid in one pass;
+# 04 and 05 score it against the model's own features) -> the study configuration, chosen from
+# the sweep by lib.report's CHOOSE_RULE -> the four architectures x the SAE seeds at each site
+# (03 trains an architecture's seeds in one pass) -> 04 per SAE -> 05 per architecture ->
+# results/REPORT.md, which leads with the answer.
 #
-#   bash run_all.sh                 # modadd model seed 42 x SAE seeds 42 123 456 789 1011 x 4 archs
-#   QUICK=1 bash run_all.sh         # smoke run (small model, 2 seeds x 2 archs, few tokens): results/quick/
+#   bash run_all.sh                 # modadd model seed 42; sweep; 4 archs x 5 seeds at resid_post and resid_mid
+#   SWEEP=0 bash run_all.sh         # no sweep: the study at STUDY_POST (the configuration the rule picks)
+#   QUICK=1 bash run_all.sh         # smoke run (small model, small sweep, 2 seeds x 2 archs): results/quick/
 #
 # Variables (space-separated lists):
-#   SEEDS        SAE seeds                      (default "42 123 456 789 1011")
-#   ARCHS        SAE architectures              (default "topk batchtopk relu jumprelu")
+#   SEEDS        SAE seeds of the study                 (default "42 123 456 789 1011")
+#   ARCHS        SAE architectures of the study         (default "topk batchtopk relu jumprelu")
+#   SITES        modular-addition sites of the study    (default "resid_post resid_mid")
+#   SWEEP        1: TopK sweep at resid_post first; 0: skip it (default 1)
+#   SWEEP_K, SWEEP_D, SWEEP_SEEDS   the sweep grid (default k "1 2 3 4 8 16 32", width "128 256 512 1024", seeds "1 2")
+#   STUDY_POST, STUDY_MID  "k d_sae" at resid_post (the sweep replaces it) and resid_mid (default "3 384", "2 256")
 #   TARGETS      what the SAEs read: modadd, smollm2, gpt2 (default "modadd")
-#   MODEL_SEEDS  modular-addition model seeds   (default "42")
+#   MODEL_SEEDS  modular-addition model seeds           (default "42")
+#   JOBS         processes side by side, each with cores/JOBS torch threads (default 2)
 #   NPROC        processes per SAE run; > 1 uses torchrun (default 1)
-#   TOKENS       training rows per SAE (03 --tokens; default 2000000)
 #   RUNS, RESULTS  where runs (git-ignored) and results go (default runs, results)
 # Every step is skipped when its final output exists (01 model.safetensors, 02 the activations
 # file, 03 summary.json, 04 eval.json, 05 overlap.json for the same SAE list), so a killed run
-# resumes where it stopped; an SAE run with a checkpoint continues it (03 --resume).
+# resumes where it stopped; an SAE pass with checkpoints continues (03 --resume).
 set -euo pipefail
 cd "$(dirname "$0")"
 START=$SECONDS
@@ -24,21 +33,32 @@ QUICK=${QUICK:-0}
 if [[ "$QUICK" == 1 ]]; then
     SEEDS=${SEEDS:-"42 123"}
     ARCHS=${ARCHS:-"topk relu"}
-    TOKENS=${TOKENS:-50000}
+    SITES=${SITES:-"resid_post"}
     RUNS=${RUNS:-runs/quick}
     RESULTS=${RESULTS:-results/quick}
+    SWEEP_K=${SWEEP_K:-"2 8"}
+    SWEEP_D=${SWEEP_D:-"32 64"}
+    STUDY_POST=${STUDY_POST:-"2 64"}
     # A small model trained briefly: the smoke run checks the plumbing, not grokking.
     MODEL_ARGS=${MODEL_ARGS:-"--p 23 --d-model 32 --n-heads 4 --d-mlp 64 --steps 300 --lr 0.01 --no-early-stop"}
-    SAE_ARGS=${SAE_ARGS:-"--k 8 --batch-size 128 --log-every 200"}
-    EVAL_ARGS=${EVAL_ARGS:-"--n-random 2"}
+    SAE_ARGS=${SAE_ARGS:-"--max-tokens 200000 --eval-every 25 --plateau-window 4 --log-every 100"}
+    EVAL_ARGS=${EVAL_ARGS:-"--n-random 1"}
     OVERLAP_ARGS=${OVERLAP_ARGS:-"--n-random 1"}
 fi
 SEEDS=${SEEDS:-"42 123 456 789 1011"}
 ARCHS=${ARCHS:-"topk batchtopk relu jumprelu"}
+SITES=${SITES:-"resid_post resid_mid"}
+SWEEP=${SWEEP:-1}
+SWEEP_K=${SWEEP_K:-"1 2 3 4 8 16 32"}
+SWEEP_D=${SWEEP_D:-"128 256 512 1024"}
+SWEEP_SEEDS=${SWEEP_SEEDS:-"1 2"}
+# The study's configuration without a sweep: what CHOOSE_RULE picks on the default model (seed 42).
+STUDY_POST=${STUDY_POST:-"3 384"}
+STUDY_MID=${STUDY_MID:-"2 256"}
 TARGETS=${TARGETS:-"modadd"}
 MODEL_SEEDS=${MODEL_SEEDS:-"42"}
+JOBS=${JOBS:-2}
 NPROC=${NPROC:-1}
-TOKENS=${TOKENS:-2000000}
 RUNS=${RUNS:-runs}
 RESULTS=${RESULTS:-results}
 MODEL_ARGS=${MODEL_ARGS:-""}
@@ -47,67 +67,110 @@ EVAL_ARGS=${EVAL_ARGS:-""}
 OVERLAP_ARGS=${OVERLAP_ARGS:-""}
 # Language-model targets (TARGETS="modadd smollm2"): a small CPU config.
 if [[ "$QUICK" == 1 ]]; then
-    LM_TOKENS=${LM_TOKENS:-20000}; LM_SAE_TOKENS=${LM_SAE_TOKENS:-60000}
-    LM_SAE_ARGS=${LM_SAE_ARGS:-"--k 16 --batch-size 512 --d-sae 2304"}
+    LM_TOKENS=${LM_TOKENS:-20000}; LM_K=${LM_K:-16}; LM_SAE_ARGS=${LM_SAE_ARGS:-"--batch-size 512 --max-tokens 60000"}
 fi
 LM_TOKENS=${LM_TOKENS:-1000000}          # 02 rows (~13 min on 2 CPU cores at ~1300 tokens/s)
-LM_SAE_TOKENS=${LM_SAE_TOKENS:-2000000}  # 03 rows (~2 passes); 576 -> 4608 (expansion 8), k 32
 LM_SEEDS=${LM_SEEDS:-"42 123"}
 LM_ARCHS=${LM_ARCHS:-"topk batchtopk"}
-LM_SAE_ARGS=${LM_SAE_ARGS:-"--batch-size 4096"}
+LM_K=${LM_K:-32}                         # 576 -> 4608 latents (expansion 8)
+LM_SAE_ARGS=${LM_SAE_ARGS:-""}           # length: the plateau rule, at most one pass over the train rows
 LM_EVAL_ARGS=${LM_EVAL_ARGS:-"--max-contexts 32"}   # 3 forward passes per context: slow on CPU
 PY=.venv/bin/python
+THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))
 
 log() { printf '[run_all %4ds] %s\n' "$((SECONDS - START))" "$*"; }
 
+# JOBS commands side by side: job CMD... starts one (waiting for a free slot), drain waits for all.
+pids=()
+job() {
+    "$@" & pids+=("$!")
+    if (( ${#pids[@]} >= JOBS )); then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+}
+drain() { local p; for p in "${pids[@]}"; do wait "$p"; done; pids=(); }
+
 # --- the virtual environment: created once by setup.sh, reinstalled only when requirements change
+for target in $TARGETS; do
+    case "$target" in modadd|smollm2|gpt2) ;; *)
+        echo "error: run_all.sh: unknown target '$target' (known: modadd smollm2 gpt2)" >&2; exit 2 ;; esac
+done
 bash setup.sh
 
-train_sae() {   # args: acts out arch seed
-    local acts=$1 out=$2 arch=$3 seed=$4 resume=()
-    if [[ -f "$out/checkpoint.safetensors" ]]; then resume=(--resume); elif [[ -d "$out" ]]; then resume=(--overwrite); fi
+# 03 over several seeds (and k, width lists) in one pass. args: acts out arch "seeds" [03 flags...]
+train_saes() {
+    local acts=$1 out=$2 arch=$3 seeds=$4; shift 4
+    local resume=()
+    [[ -f "$out/.complete" ]] && return 0
+    if compgen -G "$out/*/checkpoint.safetensors" >/dev/null || [[ -f "$out/checkpoint.safetensors" ]]; then
+        resume=(--resume); else [[ -d "$out" ]] && resume=(--overwrite); fi
     # shellcheck disable=SC2086
     if (( NPROC > 1 )); then
         .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" 03_train_sae.py --acts "$acts" --out "$out" \
-            --arch "$arch" --seed "$seed" --tokens "$TOKENS" --quiet "${resume[@]}" $SAE_ARGS
+            --arch "$arch" --seed $seeds --quiet "${resume[@]}" "$@" $SAE_ARGS
     else
-        "$PY" 03_train_sae.py --acts "$acts" --out "$out" --arch "$arch" --seed "$seed" --tokens "$TOKENS" \
-            --quiet "${resume[@]}" $SAE_ARGS
+        "$PY" 03_train_sae.py --acts "$acts" --out "$out" --arch "$arch" --seed $seeds --threads "$THREADS" \
+            --quiet "${resume[@]}" "$@" $SAE_ARGS
+    fi
+    touch "$out/.complete"
+}
+
+evaluate() {   # args: sae acts eval.json [04 flags...]
+    local sae=$1 acts=$2 ev=$3; shift 3
+    # shellcheck disable=SC2086
+    [[ -f "$ev" ]] || "$PY" 04_evaluate.py --sae "$sae" --acts "$acts" --out "$ev" --quiet "$@" $EVAL_ARGS
+}
+
+overlap() {    # args: out_dir sae_dir...
+    local odir=$1; shift
+    if [[ ! -f "$odir/overlap.json" || "$(cat "$odir/saes.txt" 2>/dev/null)" != "$*" ]]; then
+        # shellcheck disable=SC2086
+        "$PY" 05_overlap.py --saes "$@" --out "$odir" --quiet $OVERLAP_ARGS
+        echo "$*" > "$odir/saes.txt"
     fi
 }
 
-# SAEs -> evaluations -> overlap, for one activations file. args: acts run results_dir
-study() {
-    local acts=$1 run=$2 res=$3 arch seed sae ev odir
-    for arch in $ARCHS; do
-        local dirs=()
-        for seed in $SEEDS; do
-            sae=$(dirname "$acts")/../sae/$arch/seed$seed
-            sae=$(realpath -m --relative-to=. "$sae")
-            if [[ ! -f "$sae/summary.json" ]]; then
-                log "03 $arch seed $seed -> $sae"
-                train_sae "$acts" "$sae" "$arch" "$seed"
-            fi
-            ev=$res/eval/${arch}_seed$seed/eval.json
-            if [[ ! -f "$ev" ]]; then
-                log "04 $arch seed $seed -> $ev"
-                # shellcheck disable=SC2086
-                "$PY" 04_evaluate.py --sae "$sae" --acts "$acts" ${run:+--run "$run"} --out "$ev" $EVAL_ARGS
-            fi
-            dirs+=("$sae")
-        done
-        if (( ${#dirs[@]} >= 2 )); then
-            odir=$res/overlap/$arch
-            if [[ ! -f "$odir/overlap.json" || "$(cat "$odir/saes.txt" 2>/dev/null)" != "${dirs[*]}" ]]; then
-                log "05 $arch (${#dirs[@]} SAEs) -> $odir"
-                # shellcheck disable=SC2086
-                "$PY" 05_overlap.py --saes "${dirs[@]}" --acts "$acts" --out "$odir" $OVERLAP_ARGS
-                echo "${dirs[*]}" > "$odir/saes.txt"
-            fi
-        fi
+# The TopK sweep over k x width at one site: a width's whole grid (k x seeds) in one 03 pass.
+sweep() {      # args: acts sae_root results_root
+    local acts=$1 root=$2 res=$3 d k s dirs
+    for d in $SWEEP_D; do
+        log "03 sweep: topk, width $d, k $SWEEP_K, seeds $SWEEP_SEEDS"
+        # shellcheck disable=SC2086
+        job train_saes "$acts" "$root/d$d" topk "$SWEEP_SEEDS" --k $SWEEP_K --d-sae "$d"
     done
+    drain
+    log "04/05 sweep"
+    for d in $SWEEP_D; do for k in $SWEEP_K; do
+        dirs=()
+        for s in $SWEEP_SEEDS; do
+            dirs+=("$root/d$d/k${k}_seed$s")
+            job evaluate "$root/d$d/k${k}_seed$s" "$acts" "$res/k${k}_d$d/eval/topk_seed$s/eval.json" --no-model
+        done
+        (( ${#dirs[@]} >= 2 )) && job overlap "$res/k${k}_d$d/overlap" "${dirs[@]}"
+    done; done
+    drain
 }
 
+# The study at one site: every architecture's seeds in one pass each, then 04 and 05.
+study() {      # args: acts run sae_root results_root k [d_sae]
+    local acts=$1 run=$2 root=$3 res=$4 k=$5 d=${6:-} arch s dirs
+    for arch in $ARCHS; do
+        log "03 $arch k $k d_sae ${d:-default} seeds $SEEDS"
+        job train_saes "$acts" "$root/$arch" "$arch" "$SEEDS" --k "$k" ${d:+--d-sae "$d"}
+    done
+    drain
+    for arch in $ARCHS; do
+        dirs=()
+        for s in $SEEDS; do
+            local sae=$root/$arch/seed$s
+            (( $(wc -w <<< "$SEEDS") == 1 )) && sae=$root/$arch
+            dirs+=("$sae")
+            job evaluate "$sae" "$acts" "$res/eval/${arch}_seed$s/eval.json" ${run:+--run "$run"}
+        done
+        (( ${#dirs[@]} >= 2 )) && job overlap "$res/overlap/$arch" "${dirs[@]}"
+    done
+    drain
+}
+
+notes=()
 for target in $TARGETS; do
     case "$target" in
         modadd)
@@ -118,12 +181,30 @@ for target in $TARGETS; do
                     # shellcheck disable=SC2086
                     "$PY" 01_train_transformer.py --seed "$ms" --out "$run" --quiet --overwrite $MODEL_ARGS
                 fi
-                acts=$run/acts/resid_post.safetensors
-                if [[ ! -f "$acts" ]]; then
-                    log "02 activations -> $acts"
-                    "$PY" 02_extract_activations.py --run "$run" --out "$acts" --overwrite
+                for site in $SITES; do
+                    acts=$run/acts/$site.safetensors
+                    if [[ ! -f "$acts" ]]; then
+                        log "02 $site -> $acts (+ its ground truth)"
+                        "$PY" 02_extract_activations.py --run "$run" --site "$site" --out "$acts" --overwrite
+                    fi
+                done
+                res=$RESULTS/modadd/seed$ms
+                post=$STUDY_POST
+                if [[ "$SWEEP" == 1 && " $SITES " == *" resid_post "* ]]; then
+                    sweep "$run/acts/resid_post.safetensors" "$run/sae/sweep" "$res/resid_post/sweep"
+                    read -r ck cd _ < <("$PY" -m lib.report --results "$res/resid_post/sweep" --choose)
+                    if [[ "$ck $cd" != "$STUDY_POST" ]]; then
+                        notes+=("model seed $ms: the sweep picks k $ck / $cd latents at resid_post, not run_all.sh's default $STUDY_POST")
+                    fi
+                    post="$ck $cd"
+                    log "study configuration at resid_post: k $ck, d_sae $cd (CHOOSE_RULE)"
                 fi
-                study "$acts" "$run" "$RESULTS/modadd/seed$ms"
+                for site in $SITES; do
+                    cfg=$STUDY_MID; [[ "$site" == resid_post ]] && cfg=$post
+                    read -r k d <<< "$cfg"
+                    notes+=("model seed $ms, $site: the study trains k $k / $d latents")
+                    study "$run/acts/$site.safetensors" "$run" "$run/sae/$site/k${k}_d$d" "$res/$site" "$k" "$d"
+                done
             done
             ;;
         smollm2|gpt2)
@@ -139,12 +220,9 @@ for target in $TARGETS; do
                 "$PY" 02_extract_activations.py --model "$lm_model" --layer "$lm_layer" --site resid_post \
                     --text data/corpus --tokens "$LM_TOKENS" --out "$acts" --quiet "${resume[@]}"
             fi
-            SEEDS=$LM_SEEDS ARCHS=$LM_ARCHS TOKENS=$LM_SAE_TOKENS SAE_ARGS=$LM_SAE_ARGS EVAL_ARGS=$LM_EVAL_ARGS \
-                study "$acts" "" "$RESULTS/$target"
-            ;;
-        *)
-            echo "error: run_all.sh: unknown target '$target' (known: modadd smollm2 gpt2)" >&2
-            exit 2
+            SEEDS=$LM_SEEDS ARCHS=$LM_ARCHS EVAL_ARGS=$LM_EVAL_ARGS SAE_ARGS=$LM_SAE_ARGS JOBS=1 THREADS=$(nproc) \
+                study "$acts" "" "$RUNS/$target/sae/L${lm_layer}_resid_post" "$RESULTS/$target/L${lm_layer}_resid_post" \
+                "$LM_K"
             ;;
     esac
 done
@@ -152,5 +230,6 @@ done
 elapsed=$((SECONDS - START))
 excl=()
 [[ "$RESULTS" == results && -d results/quick ]] && excl=(--exclude results/quick)
-"$PY" -m lib.report --results "$RESULTS" --elapsed "$elapsed" "${excl[@]}"
+note_args=(); for n in "${notes[@]}"; do note_args+=(--note "$n"); done
+"$PY" -m lib.report --results "$RESULTS" --elapsed "$elapsed" "${excl[@]}" "${note_args[@]}"
 log "done in ${elapsed}s; report: $RESULTS/REPORT.md"

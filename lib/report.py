@@ -22,6 +22,8 @@ from lib.common import ArgumentParser, check, load_json, run_main, save_figure
 
 ARCH_ORDER = ["topk", "batchtopk", "relu", "jumprelu"]
 GOAL_EACH, GOAL_EVERY = 0.95, 0.90           # issue "The study answers its question": answer features
+CHOOSE_RULE = ("the sweep cell whose TopK SAEs recover the most answer features with every seed (ties, within one "
+               "feature: fewer latents, then smaller k)")
 
 
 def parse_args(argv=None):
@@ -32,6 +34,8 @@ def parse_args(argv=None):
     ap.add_argument("--title", default="SAE study report")
     ap.add_argument("--exclude", type=Path, action="append", default=[], help="skip results under this folder")
     ap.add_argument("--note", action="append", default=[], help="a line for the report's preamble (run_all.sh)")
+    ap.add_argument("--choose", action="store_true",
+                    help="print the study configuration the sweep under --results picks (CHOOSE_RULE) and exit")
     args = ap.parse_args(argv)
     check(args.results.is_dir(), f"--results {args.results} is not a directory")
     args.out = args.out or args.results / "REPORT.md"
@@ -274,6 +278,23 @@ def sweep_section(es: list, overlaps: list, site: str, base: Path, figdir: Path)
     return lines
 
 
+def choose(evals: list, overlaps: list) -> tuple[int, int, float]:
+    """CHOOSE_RULE over the sweep's TopK cells: (k, d_sae, answer features recovered by every seed)."""
+    es = [e for e in evals if e["sae"]["arch"] == "topk"]
+    check(bool(es), "no TopK sweep results to choose from")
+    _, rows = answer_rows(es, overlaps)
+    scored = []
+    for (arch, k, d_sae), r in rows.items():
+        x = r["features"].get("answer", {})
+        every = x.get("every", float("nan"))
+        if every != every:                                  # one seed only: its own recovery
+            every = min(x.get("each", [0.0]) or [0.0])
+        n = x.get("n_features") or 113
+        scored.append((round(every * n), -d_sae, -k, every, k, d_sae))
+    best = max(scored)
+    return best[4], best[5], best[3]
+
+
 # ----------------------------------------------------------------------------
 # Full tables
 
@@ -345,6 +366,10 @@ def main(argv=None):
     args = parse_args(argv)
     base = args.out.parent
     evals, overlaps = collect(args)
+    if args.choose:
+        k, d_sae, every = choose([e for e in evals if e["_sweep"]] or evals, overlaps)
+        print(f"{k} {d_sae} {every:.4f}")
+        return
     md = [f"# {args.title}", ""]
     if args.elapsed is not None:
         md += [f"Wall time of the run that wrote this: {args.elapsed / 60:.1f} min ({args.elapsed:.0f} s).", ""]

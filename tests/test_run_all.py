@@ -1,5 +1,5 @@
-"""run_all.sh and report.py, cheaply. The QUICK=1 smoke run itself takes ~3 min of CPU on 2 idle
-cores (longer on a shared machine), so it is not run here: see the README / run `QUICK=1 bash run_all.sh`."""
+"""run_all.sh and lib/report.py: the QUICK=1 smoke run end to end (small model, small sweep, the
+study, the report), a bad target, and the report's tables and goal lines on hand-made results."""
 from __future__ import annotations
 
 import json
@@ -19,6 +19,28 @@ def test_run_all_parses_and_rejects_an_unknown_target(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown target 'nosuchtarget'" in lines[0], res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_quick_run_all_end_to_end(tmp_path):
+    """QUICK=1 bash run_all.sh from empty directories: model, activations + ground truth, a TopK
+    sweep (2 widths x 2 k x 2 seeds in one 03 pass per width), the configuration the rule picks,
+    the study (2 archs x 2 seeds), evaluations, overlaps, REPORT.md; a second call redoes nothing."""
+    env = {**os.environ, "QUICK": "1", "RUNS": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "res")}
+    res = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    md = (tmp_path / "res" / "REPORT.md").read_text()
+    assert "## The answer" in md and "sweep_resid_post.png" in md and "study configuration" not in md
+    assert (tmp_path / "res" / "figures" / "sweep_resid_post.png").is_file()
+    evals = sorted((tmp_path / "res").rglob("eval.json"))
+    assert len(evals) == 8 + 4                                  # sweep 2 x 2 x 2, study 2 archs x 2 seeds
+    assert len(sorted((tmp_path / "res").rglob("overlap.json"))) == 4 + 2
+    study = json.loads(next(p for p in evals if "sweep" not in p.parts).read_text())
+    assert study["ground_truth"]["features"] and study["downstream"]["heldout"]["rows"] > 0
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.name in ("summary.json", "eval.json",
+                                                                                 "overlap.json", "model.safetensors")}
+    again = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())      # nothing was redone
 
 
 def fake_eval(arch, seed, ev, l0, answer, chance=0.0, sweep_k=None):
