@@ -602,8 +602,14 @@ def train(args, dist: Dist, dev: torch.device):
     if wandb is not None:
         one = len(runs) == 1                               # the resolved sizes, one value per SAE
         sizes = {n: getattr(runs[0], n) if one else [getattr(r, n) for r in runs] for n in ("seed", "k", "d_sae")}
-        wandb.init(project=args.wandb, config={**vars(args), **sizes, "d_in": acts.d_in, "max_steps": max_steps,
-                                               "saes": [r.name for r in runs]}, dir=str(runs[0].out), resume="allow")
+        # a resumed run continues its W&B run (the id travels in the checkpoint); a fresh one starts a new one
+        wandb_id = (checkpoint_state(runs[0].out / CKPT).get("wandb_id") if runs[0].resuming else None) \
+            or wandb.util.generate_id()
+        for run in runs:
+            run.ckpt_meta["wandb_id"] = wandb_id
+        wandb.init(project=args.wandb, id=wandb_id, resume="allow", dir=str(runs[0].out),
+                   config={**vars(args), **sizes, "d_in": acts.d_in, "max_steps": max_steps,
+                           "saes": [r.name for r in runs]})
 
     # --- the loop: every batch is read once and each live SAE takes its step on it -----------
     from tqdm import tqdm
