@@ -57,6 +57,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -604,7 +605,7 @@ def train(args, dist: Dist, dev: torch.device):
         sizes = {n: getattr(runs[0], n) if one else [getattr(r, n) for r in runs] for n in ("seed", "k", "d_sae")}
         # a resumed run continues its W&B run (the id travels in the checkpoint); a fresh one starts a new one
         wandb_id = (checkpoint_state(runs[0].out / CKPT).get("wandb_id") if runs[0].resuming else None) \
-            or wandb.util.generate_id()
+            or uuid.uuid4().hex[:8]
         for run in runs:
             run.ckpt_meta["wandb_id"] = wandb_id
         wandb.init(project=args.wandb, id=wandb_id, resume="allow", dir=str(runs[0].out),

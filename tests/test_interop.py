@@ -339,3 +339,24 @@ def test_dataset_errors_are_one_line(source, extra, message, docs_and_model, ext
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: --dataset {root / source}: ") and message in err, err
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_wandb_resumed_run_continues_the_same_wandb_run(tmp_path):
+    """Killed (--stop-after-steps) and resumed: the W&B run id travels in the checkpoint, so both
+    processes write to one W&B run; a fresh run gets a new id."""
+    x = sparse_dictionary_data(n=4000, active=2)[0]
+    acts = write_acts(tmp_path / "acts" / "activations.safetensors", x).parent
+    home = tmp_path / "wandb_home"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(home / "config"),
+           "WANDB_CACHE_DIR": str(home / "cache"), "WANDB_DATA_DIR": str(home / "data"),
+           "WANDB_ERROR_REPORTING": "false"}
+    base = [sys.executable, str(ROOT / "03_train_sae.py"), "--acts", str(acts), "--arch", "topk", "--k", "2",
+            "--expansion", "2", "--batch-size", "256", "--tokens", "5120", "--quiet", "--wandb", "sae-interop"]
+    for extra in (["--out", str(tmp_path / "a"), "--stop-after-steps", "8"], ["--out", str(tmp_path / "a"), "--resume"],
+                  ["--out", str(tmp_path / "b")]):
+        p = subprocess.run(base + extra, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    ids_a = {d.name.rsplit("-", 1)[-1] for d in (tmp_path / "a" / "wandb").glob("offline-run-*")}
+    ids_b = {d.name.rsplit("-", 1)[-1] for d in (tmp_path / "b" / "wandb").glob("offline-run-*")}
+    assert len(list((tmp_path / "a" / "wandb").glob("offline-run-*"))) == 2 and len(ids_a) == 1
+    assert len(ids_b) == 1 and ids_a != ids_b
