@@ -47,6 +47,12 @@ def _quiet_transformers():
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        # the GGUF loader draws its own tqdm bar, which disable_progress_bar does not reach
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        if not isinstance(gguf_utils.tqdm, functools.partial):
+            gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
     except Exception:
         pass
 
