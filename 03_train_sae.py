@@ -66,6 +66,7 @@ from lib.activations import Acts, encode_chunks, open_acts
 from lib.common import (ArgumentParser, Dist, UserError, append_jsonl, check, load_tensor_metadata, load_tensors,
                         prepare_out_dir, provenance, run_main, save_json, save_tensors, seed_everything)
 from lib.metrics import explained_variance, l0 as mean_l0
+from lib.stacked import StackedAdam, StackedSAE
 from sae import ARCHS, SAE
 
 FINAL = "summary.json"
@@ -115,8 +116,10 @@ def get_args(argv=None):
     p.add_argument("--decay-frac", type=float, default=0.2,
                    help="final linear lr decay to 0: a fraction of the steps (--tokens) or of the steps done when "
                         "the plateau is reached")
-    p.add_argument("--init", choices=("tied", "orthogonal"), default="tied",
-                   help="random unit decoder rows with W_enc = W_dec^T, or a semi-orthogonal W_dec")
+    p.add_argument("--init", choices=("auto", "tied", "data", "orthogonal"), default="auto",
+                   help="decoder rows: random unit vectors (tied, Gao et al. 2024), random data rows minus b_dec "
+                        "(data, sae.SAE.init_from_data_), or semi-orthogonal; W_enc = W_dec^T in all three. auto: "
+                        "data for an activations file (held in memory: small, often of low rank), tied for LM shards")
     p.add_argument("--no-normalize", action="store_true", help="do not scale inputs to unit mean squared norm")
     p.add_argument("--l1-coeff", type=float, default=None,
                    help="relu: fixed L1 coefficient (default: steered so that L0 approaches --k)")
@@ -150,6 +153,9 @@ def get_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in --out")
     p.add_argument("--stop-after-steps", type=int, default=None,
                    help="checkpoint and exit after this many steps, as if killed (tests)")
+    p.add_argument("--stack", choices=("auto", "on", "off"), default="auto",
+                   help="several SAEs of one width and k take each step as one stacked module (lib/stacked.py); "
+                        "auto: for the TopK family, where it is faster on a CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores / processes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -412,6 +418,7 @@ class Run:
         self.l0: float | None = None                    # the last step's L0 over the global batch
         self.schedule: Schedule | None = None           # lr and length
         self.finished = False
+        self.init = "tied"                              # how its weights started (--init, resolved)
         self.ckpt_meta: dict = {}
 
 
@@ -429,6 +436,61 @@ def plan_runs(args, d_in: int) -> list[Run]:
                 name = "_".join(parts)
                 runs.append(Run(name or "sae", Path(args.out) / name if name else Path(args.out), seed, k, d_sae))
     return runs
+
+
+class Group:
+    """The SAEs that take each step together: one SAE (sae.py itself, with torch's Adam), or on
+    the speed path several SAEs of one architecture and width stacked into one module
+    (lib/stacked.py: each SAE's own maths and lr, one set of ops for all). The runs keep their
+    own sae.SAE and optimiser: `sync` copies the stacked weights (and Adam state) back into
+    them, so evaluation, checkpoints and saved files are what a single run has."""
+
+    def __init__(self, runs: list[Run]):
+        self.runs = runs
+        self.members: list[Run] = []                    # the live runs, in the stack's block order
+        self.stack: StackedSAE | None = None
+        self.opt = None
+
+    @property
+    def model(self):
+        return self.stack if self.stack is not None else self.members[0].sae
+
+    def restack(self) -> None:
+        """(Re)build from the live runs' SAEs and optimiser states: at the start (after a resume
+        too) and whenever one of them has finished."""
+        self.members = [r for r in self.runs if not r.finished]
+        self.stack = self.opt = None
+        if len(self.members) > 1:
+            self.stack = StackedSAE([r.sae for r in self.members])
+            self.opt = StackedAdam(self.stack)
+            self.opt.load_from([r.sae for r in self.members], [r.opt for r in self.members])
+        elif self.members:
+            self.opt = self.members[0].opt
+
+    def set_lr(self, lrs: list[float]) -> None:
+        if self.stack is None:
+            for g in self.opt.param_groups:
+                g["lr"] = lrs[0]
+        else:
+            self.opt.lrs = lrs
+
+    def sync(self, adam: bool = False) -> None:
+        """Each run's SAE (and, for a checkpoint, its optimiser) gets its block of the stack."""
+        if self.stack is not None:
+            for s, r in enumerate(self.members):
+                self.stack.export_(s, r.sae, self.opt if adam else None, r.opt)
+
+
+def plan_groups(runs: list[Run], args) -> list[Group]:
+    """--stack auto: the TopK family's SAEs of one width and k train as one stack (on 2 CPU cores
+    its step is the faster one, bench/bench_multi_seed.py); relu and jumprelu step one SAE at a
+    time, as their dense step is no faster stacked there. --stack on / off: always / never."""
+    if args.stack == "off" or (args.stack == "auto" and args.arch not in ("topk", "batchtopk")):
+        return [Group([r]) for r in runs]
+    by: dict = {}
+    for r in runs:
+        by.setdefault((r.d_sae, r.k), []).append(r)
+    return [Group(g) for g in by.values()]
 
 
 def default_batch(n_train: int) -> int:
@@ -449,13 +511,18 @@ def default_lr(d_sae: int, batch_size: int) -> float:
     return 6e-4 * math.sqrt(16384 / d_sae) * math.sqrt(batch_size / 4096)
 
 
-def build_run(run: Run, args, x_train: torch.Tensor, dev, dist: Dist, max_steps: int) -> None:
+def build_run(run: Run, args, x_train: torch.Tensor, dev, dist: Dist, max_steps: int, init: str) -> None:
     """The SAE (initialised from its own seed: the same init as a run of its own), Adam, state."""
     gen = seed_everything(run.seed)
     run.sae = SAE(x_train.shape[1], run.d_sae, args.arch, run.k, k_aux=args.k_aux, auxk_coeff=args.auxk_coeff,
                   l1_coeff=args.l1_coeff or 0.0, l0_coeff=args.l0_coeff or 0.0, bandwidth=args.bandwidth,
-                  init_threshold=args.init_threshold, init=args.init, generator=gen)
-    run.sae.init_b_dec_(x_train[torch.randperm(len(x_train), generator=gen)[:32768].to(dev)])   # Bricken et al. 2023
+                  init_threshold=args.init_threshold, init="orthogonal" if init == "orthogonal" else "tied",
+                  generator=gen)
+    sample = x_train[torch.randperm(len(x_train), generator=gen)[:32768].to(dev)]
+    run.sae.init_b_dec_(sample)                                                    # Bricken et al. 2023
+    if init == "data":
+        run.sae.init_from_data_(sample, gen)
+    run.init = init
     run.sae.to(dev).train()
     dist.broadcast_([p.data for p in run.sae.parameters()])   # every process starts from rank 0's weights
     lr = args.lr or default_lr(run.d_sae, args.batch_size)
@@ -474,40 +541,52 @@ def build_run(run: Run, args, x_train: torch.Tensor, dev, dist: Dist, max_steps:
     run.lam = (0.01 if args.arch == "relu" else 1e-4) if run.steer else fixed
 
 
-def train_step(run: Run, x: torch.Tensor, step: int, args, dist: Dist, dead_tokens: int):
-    """One optimiser step of one SAE on batch x (this process's slice); returns its SAEOutput."""
-    sae, opt, steps = run.sae, run.opt, run.schedule.max_steps
-    # (1) schedule: lr, the L1 warmup, which latents are dead (AuxK)
-    for g in opt.param_groups:
-        g["lr"] = run.schedule.lr(step)
-    if args.arch == "relu":       # L1 warmup (Conerly et al. 2024), on top of any steering
-        coeff = run.lam * min(1.0, (step + 1) / max(1, int(args.l1_warmup_frac * steps)))
-    else:
-        coeff = run.lam if args.arch == "jumprelu" else None
-    dead_mask = None if args.no_auxk else run.since_fired >= dead_tokens
+def sparsity_coeff(run: Run, step: int, args) -> float | None:
+    """lambda of relu (with its L1 warmup, Conerly et al. 2024) and jumprelu; None for the TopK family."""
+    if args.arch == "relu":
+        return run.lam * min(1.0, (step + 1) / max(1, int(args.l1_warmup_frac * run.schedule.max_steps)))
+    return run.lam if args.arch == "jumprelu" else None
+
+
+def train_step(group: "Group", x: torch.Tensor, step: int, args, dist: Dist, dead_tokens: int) -> list:
+    """One optimiser step of each SAE of `group` on batch x (this process's slice); returns
+    their SAEOutputs. A group is one SAE (sae.py itself) or several stacked (lib/stacked.py)."""
+    runs = group.members
+    # (1) schedule: each SAE's lr, its sparsity coefficient, which of its latents are dead (AuxK)
+    group.set_lr([r.schedule.lr(step) for r in runs])
+    coeffs = [sparsity_coeff(r, step, args) for r in runs]
+    dead = None if args.no_auxk else [r.since_fired >= dead_tokens for r in runs]
+    all_reduce = dist.all_reduce_sum_ if dist.world_size > 1 else None
 
     # (2) forward and backward; gradients averaged over processes
-    out = sae(x, dead_mask=dead_mask, sparsity_coeff=coeff,
-              all_reduce=dist.all_reduce_sum_ if dist.world_size > 1 else None)
+    model, opt = group.model, group.opt
+    if group.stack is None:
+        outs = [model(x, dead_mask=dead and dead[0], sparsity_coeff=coeffs[0], all_reduce=all_reduce)]
+        loss = outs[0].loss
+    else:                     # the speed path: the same maths for every SAE, one set of ops for all
+        loss, outs = model(x, dead_mask=dead and torch.stack(dead), all_reduce=all_reduce,
+                           sparsity_coeff=None if coeffs[0] is None else torch.tensor(coeffs, device=x.device))
     opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    dist.average_gradients_(sae.parameters())
+    loss.backward()
+    dist.average_gradients_(model.parameters())
 
-    # (3) the step under the decoder constraint, then the global statistics: which latents
-    # fired, L0, BatchTopK's smallest kept activation, lambda's steering toward L0 = k
-    sae.remove_parallel_grad_()                        # Bricken et al. 2023
+    # (3) the step under the decoder constraint, then each SAE's global statistics: which
+    # latents fired, L0, BatchTopK's smallest kept activation, lambda's steering toward L0 = k
+    model.remove_parallel_grad_()                      # Bricken et al. 2023
     opt.step()
-    sae.post_step_()                                   # unit-norm decoder rows, theta >= 0
+    model.post_step_()                                 # unit-norm decoder rows, theta >= 0
     with torch.no_grad():
-        stats = dist.all_reduce_sum_(torch.cat([out.fired.to(torch.float64), (out.l0 * x.shape[0]).view(1).double()]))
-        run.l0 = float(stats[-1]) / args.batch_size
-        run.since_fired = torch.where(stats[:-1] > 0, torch.zeros_like(run.since_fired), run.since_fired + args.batch_size)
-        if args.arch == "batchtopk" and out.min_active is not None:
-            sae.update_threshold_(float(dist.all_reduce_min_(out.min_active.detach().double().view(1).clone())))
-        if run.steer:             # integral control of lambda toward L0 = k, at most `gain` (log) a step
-            gain = args.steer_gain or (0.005 if args.arch == "relu" else 0.02)
-            run.lam *= math.exp(gain * max(-1.0, min(1.0, math.log(max(run.l0, 1e-3) / run.k))))
-    return out
+        for i, (run, out) in enumerate(zip(runs, outs)):
+            stats = dist.all_reduce_sum_(torch.cat([out.fired.to(torch.float64), (out.l0 * x.shape[0]).view(1).double()]))
+            run.l0 = float(stats[-1]) / args.batch_size
+            run.since_fired = torch.where(stats[:-1] > 0, torch.zeros_like(run.since_fired), run.since_fired + args.batch_size)
+            if args.arch == "batchtopk" and out.min_active is not None:
+                m = float(dist.all_reduce_min_(out.min_active.detach().double().view(1).clone()))
+                model.update_threshold_(m) if group.stack is None else model.update_threshold_(i, m)
+            if run.steer:         # integral control of lambda toward L0 = k, at most `gain` (log) a step
+                gain = args.steer_gain or (0.005 if args.arch == "relu" else 0.02)
+                run.lam *= math.exp(gain * max(-1.0, min(1.0, math.log(max(run.l0, 1e-3) / run.k))))
+    return outs
 
 
 def finish_run(run: Run, args, acts: Acts, x_held: torch.Tensor, scale: float, dev, dist: Dist,
@@ -519,7 +598,7 @@ def finish_run(run: Run, args, acts: Acts, x_held: torch.Tensor, scale: float, d
     sae.eval()
     held = evaluate(sae, x_held.to(dev))
     side = acts.sidecar
-    prov = provenance(args, seed=run.seed, d_in=acts.d_in, d_sae=run.d_sae, k=run.k, steps=steps,
+    prov = provenance(args, seed=run.seed, d_in=acts.d_in, d_sae=run.d_sae, k=run.k, init=run.init, steps=steps,
                       tokens=steps * args.batch_size, n_train=acts.n_train, n_heldout=len(x_held), split=acts.split,
                       input_scale=scale, dead_tokens=dead_tokens, lr=sch.lr0, warmup_steps=sch.warmup,
                       decay_start=sch.decay_start, stop_reason=sch.reason, max_steps=sch.max_steps,
@@ -584,8 +663,9 @@ def train(args, dist: Dist, dev: torch.device):
                           buffer_rows=args.buffer_rows, scale=scale, device=dev)
 
     # --- each SAE, its optimiser and its training state (or its checkpoint) -------------------
+    init = args.init if args.init != "auto" else ("data" if acts.kind == "file" else "tied")
     for run in runs:
-        build_run(run, args, x_train, dev, dist, max_steps)
+        build_run(run, args, x_train, dev, dist, max_steps, init)
         run.ckpt_meta = {"config": {k: v for k, v in vars(args).items() if k not in RESUME_FREE},
                          "acts_sha256_1mb": acts.sha256_1mb, "d_in": acts.d_in, "d_sae": run.d_sae, "k": run.k,
                          "seed": run.seed, "n_train": n_train, "input_scale": scale, "data": source.state()}
@@ -613,23 +693,30 @@ def train(args, dist: Dist, dev: torch.device):
                            "saes": [r.name for r in runs]})
 
     # --- the loop: every batch is read once and each live SAE takes its step on it -----------
+    groups = plan_groups(runs, args)
+    for g in groups:
+        g.restack()
     from tqdm import tqdm
     bar = tqdm(total=max_steps, initial=start, disable=args.quiet or not dist.master or not sys.stderr.isatty(),
                unit="step", dynamic_ncols=True)
     t_last, tok_last = time.perf_counter(), start * args.batch_size
     stop_at = max_steps if args.stop_after_steps is None else min(max_steps, start + args.stop_after_steps)
     for step in range(start, stop_at):
-        live = [r for r in runs if not r.finished]
-        if not live:
+        if all(r.finished for r in runs):
             break
         x = source.batch(step)
-        outs = [train_step(run, x, step, args, dist, dead_tokens) for run in live]
+        stepped = [(r, o) for g in groups if g.members for r, o in zip(g.members, train_step(g, x, step, args, dist,
+                                                                                                dead_tokens))]
 
         # (4) evaluate (the plateau rule), log, checkpoint, finish the SAEs whose schedule ends here
         done = step + 1
-        log = done % args.log_every == 0 or any(done == r.schedule.end for r in live)
+        log = done % args.log_every == 0 or any(done == r.schedule.end for r, _ in stepped)
+        ckpt = done % args.ckpt_every == 0 or done == stop_at
+        if log or ckpt or done % args.eval_every == 0:         # stacked weights back into each run's SAE
+            for g in groups:
+                g.sync(adam=ckpt or any(done == r.schedule.end for r in g.members))
         tps = (done * args.batch_size - tok_last) / max(1e-9, time.perf_counter() - t_last)
-        for run, out in zip(live, outs):
+        for run, out in stepped:
             plateau_eval = not run.schedule.fixed and done % args.eval_every == 0
             held = evaluate(run.sae, eval_rows) if (plateau_eval or log) else {}
             if plateau_eval and held:
@@ -644,7 +731,7 @@ def train(args, dist: Dist, dev: torch.device):
                     if wandb is not None:
                         wandb.log({(f"{run.name}/{k}" if len(runs) > 1 else k): v for k, v in rec.items()}, step=done)
                     bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['ev']:.3f}", l0=f"{rec['l0']:.1f}")
-            if dist.master and (done % args.ckpt_every == 0 or done == stop_at or done == run.schedule.end):
+            if dist.master and (ckpt or done == run.schedule.end):
                 save_checkpoint(run.out / CKPT, run.sae, run.opt, done, run.since_fired, run.lam, run.ckpt_meta,
                                 run.schedule.state())
             if done == run.schedule.end:                   # this SAE is done: save it, the rest go on
@@ -655,6 +742,9 @@ def train(args, dist: Dist, dev: torch.device):
                     if wandb is not None:
                         wandb.log({(f"final/{run.name}/{k}" if len(runs) > 1 else f"final/{k}"): v
                                    for k, v in held.items()})
+        for g in groups:
+            if any(r.finished for r in g.members):        # the rest of a stack go on without it
+                g.restack()
         if log:
             t_last, tok_last = time.perf_counter(), done * args.batch_size    # (excludes the eval)
         bar.update(1)

@@ -355,3 +355,19 @@ def test_constructor_rejects_bad_config():
         SAE(8, 32, "topk", k=33)
     with pytest.raises(UserError, match="needs k"):
         SAE(8, 32, "batchtopk")
+
+
+def test_init_from_data_rows_are_data_points_minus_b_dec():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 16, generator=g) @ torch.randn(16, 32, generator=g) + 3.0      # rank 16 in 32 dims
+    sae = SAE(32, 64, "topk", 4)
+    sae.init_b_dec_(x)
+    sae.init_from_data_(x, torch.Generator().manual_seed(1))
+    W = sae.W_dec.detach()
+    assert torch.allclose(W.norm(dim=1), torch.ones(64), atol=1e-5) and torch.equal(sae.W_enc.detach(), W.t())
+    centred = x - sae.b_dec.detach()
+    cos = (W @ (centred / centred.norm(dim=1, keepdim=True)).t()).max(1).values
+    assert (cos > 1 - 1e-5).all()                     # every row is one of the (centred) data rows
+    # inside the data's span: nothing outside the top-16 principal subspace
+    basis = torch.linalg.svd(centred, full_matrices=False).Vh[:16]
+    assert torch.allclose((W @ basis.t()).norm(dim=1), torch.ones(64), atol=1e-4)

@@ -1,0 +1,324 @@
+"""Several SAEs of one architecture and width trained as one: the speed path of
+`03_train_sae.py --seed 1 2 3 ...` (and of --k lists for TopK).
+
+S SAEs with d latents each are held as S blocks of every parameter, block axis first:
+
+    W_enc [S, d_in, d]   b_enc [S, d]   W_dec [S, d, d_in]   b_dec [S, d_in]   (threshold [S, d])
+
+and every block reconstructs the same batch x [B, d_in] on its own, with sae.py's maths:
+
+    pre[s]   = (x - b_dec[s]) @ W_enc[s] + b_enc[s]              [S, B, d]   (one batched matmul)
+    x_hat[s] = sigma_s(pre[s]) @ W_dec[s] + b_dec[s]             [S, B, d_in]
+    loss     = sum_s loss_s           (so the gradient of block s is the gradient of SAE s)
+
+Top-k, the sparse decode and its backward (lib/kernels.py, on "virtual rows" (block s, row
+b) whose latent ids are s*d + j), AuxK, the decoder constraint and Adam then run once per
+step over all S blocks instead of once per SAE: on small SAEs a step's cost is mostly per
+op, not per FLOP (bench/bench_multi_seed.py). tests/test_stacked.py checks every loss term,
+L0, fired latents and gradient against S separate sae.SAE objects.
+
+Training only: the SAEs are evaluated, checkpointed and saved as the sae.SAE objects they
+came from (`export_`), so files, resume and inference are what a single run has. Each block
+keeps its own learning rate (its own plateau schedule) through `StackedAdam`, which is
+torch.optim.Adam's update with one lr per block. TopK blocks may differ in k (the sweep's
+k list); the other architectures' blocks share k.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from lib.kernels import SparsePattern, _SparseDecode, topk_relu
+from sae import SAE, JumpReLU, SAEOutput
+
+NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+class _StackedSparseEncode(torch.autograd.Function):
+    """vals = pre at the active (virtual row, latent) pairs, pre computed beforehand without
+    grad: kernels._SparseEncode per block. With G the sparse [S*B, S*d] matrix of d loss / d vals
+    and x_c[s*B + b] = x[b] - b_dec[s]: dW_enc[s] = (G^T x_c)[s]^T, db_enc = column sums of G,
+    db_dec[s] = -W_enc[s] db_enc[s]."""
+
+    @staticmethod
+    def forward(ctx, vals, x_c, W_enc, b_enc, b_dec, pat):
+        ctx.save_for_backward(x_c, W_enc)
+        ctx.pat = pat
+        return vals.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x_c, W_enc = ctx.saved_tensors
+        pat = ctx.pat
+        S, D, d = W_enc.shape
+        g = g.contiguous()
+        dW_enc = pat.t_matmul(g, x_c).view(S, d, D).transpose(1, 2)
+        db_enc = torch.zeros(pat.n_cols, dtype=g.dtype, device=g.device).index_add_(0, pat.col, g).view(S, d)
+        db_dec = -torch.bmm(W_enc, db_enc.unsqueeze(2)).squeeze(2)
+        return None, None, dW_enc, db_enc, db_dec, None
+
+
+class StackedSAE(nn.Module):
+    """S sae.SAE objects (same arch, d_in, d_sae; same k unless TopK) as one module, for training."""
+
+    def __init__(self, saes: list[SAE]):
+        super().__init__()
+        a = saes[0]
+        for s in saes:
+            assert (s.arch, s.d_in, s.d_sae) == (a.arch, a.d_in, a.d_sae) and s.apply_b_dec_to_input
+            assert a.arch == "topk" or s.k == a.k
+        self.arch, self.S, self.d_sae, self.d_in, self.ks = a.arch, len(saes), a.d_sae, a.d_in, [s.k for s in saes]
+        self.k_aux, self.auxk_coeff, self.bandwidth, self.threshold_ema = a.k_aux, a.auxk_coeff, a.bandwidth, a.threshold_ema
+        self.use_sparse = a.use_sparse                      # the TopK family's CPU / size rule (sae.py)
+        with torch.no_grad():
+            for n in NAMES:
+                setattr(self, n, nn.Parameter(torch.stack([getattr(s, n) for s in saes])))
+            if a.arch == "jumprelu":
+                self.threshold = nn.Parameter(torch.stack([s.threshold for s in saes]))
+            elif a.arch == "batchtopk":
+                self.register_buffer("threshold", torch.stack([s.threshold for s in saes]))
+
+    # -- forward: the loss of every block, and what 03 logs per block ------------------------
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+                sparsity_coeff: torch.Tensor | None = None, all_reduce=None) -> tuple[torch.Tensor, list[SAEOutput]]:
+        """x [B, d_in]; dead_mask [S, d] bool (AuxK); sparsity_coeff [S] (relu / jumprelu lambda).
+        Returns the summed loss and one SAEOutput per block (its loss terms, x_hat, L0, fired)."""
+        B, S, d = x.shape[0], self.S, self.d_sae
+        losses, self._min_active = {}, None
+        if self.use_sparse(x):                             # TopK family: lib/kernels.py on virtual rows
+            x_hat, pre, vals, pat = self._sparse_code(x)
+            with torch.no_grad():
+                col = pat.col[vals > 0]
+                fired = torch.bincount(col, minlength=S * d).view(S, d) > 0
+                l0 = torch.bincount(col // d, minlength=S) / B
+            e_hat = None if dead_mask is None else self._sparse_auxk(pre, x, dead_mask)
+        else:
+            pre = torch.baddbmm(self.b_enc.unsqueeze(1), x - self.b_dec.unsqueeze(1), self.W_enc)   # [S, B, d]
+            acts, l0, extra = self._dense_code(pre, sparsity_coeff)
+            losses.update(extra)
+            x_hat = torch.baddbmm(self.b_dec.unsqueeze(1), acts, self.W_dec)                       # [S, B, d_in]
+            with torch.no_grad():                        # acts >= 0: float ops, not boolean ones
+                fired = acts.amax(1) > 0
+                if l0 is None:
+                    l0 = acts.sign().sum((1, 2)) / B
+            e_hat = None if dead_mask is None else self._dense_auxk(pre, dead_mask)
+        losses = {"mse": (x_hat - x).pow(2).sum(-1).mean(1), **losses}
+        if dead_mask is not None:
+            losses["auxk_loss"] = self.auxk_coeff * self._auxk_loss(x, x_hat, e_hat, dead_mask, all_reduce)
+        total = sum(v.sum() for v in losses.values())
+        outs = []
+        for s in range(S):
+            o = SAEOutput(x_hat=x_hat[s], losses={k: v[s] for k, v in losses.items()}, l0=l0[s].detach(),
+                          fired=fired[s], min_active=None if self._min_active is None else self._min_active[s])
+            o.loss = sum(o.losses.values())
+            outs.append(o)
+        return total, outs
+
+    def _dense_code(self, pre: torch.Tensor, coeff: torch.Tensor | None):
+        """sigma of every block on pre [S, B, d] (sae.SAE._forward_dense): (acts, l0 or None, loss terms)."""
+        S, B, d = pre.shape
+        extra, l0 = {}, None
+        if self.arch == "relu":
+            acts = pre.relu()
+            extra["l1_loss"] = coeff * acts.sum(-1).mean(1)
+        elif self.arch == "jumprelu":       # rows first, as JumpReLU sums theta's gradient over dim 0
+            acts, l0_rows = JumpReLU.apply(pre.transpose(0, 1), self.threshold, self.bandwidth)    # l0_rows [B, S]
+            acts = acts.transpose(0, 1)
+            extra["l0_loss"] = coeff * l0_rows.mean(0)
+            l0 = l0_rows.detach().sum(0) / B
+        elif self.arch == "topk":
+            kmax = max(self.ks)
+            with torch.no_grad():
+                i = pre.topk(kmax, dim=-1).indices          # sorted: rank r < k_s keeps the entry
+            v = pre.gather(-1, i).relu() * self._rank_keep(kmax, pre.device).unsqueeze(1)
+            acts = torch.zeros_like(pre).scatter(-1, i, v)
+        else:                                               # batchtopk: top k*B of each block's [B, d]
+            with torch.no_grad():
+                v, i = pre.view(S, B * d).topk(self.ks[0] * B, dim=-1)
+                self._min_active = torch.where(v > 0, v, torch.inf).amin(-1)
+            acts = torch.zeros_like(pre).view(S, -1).scatter(1, i, pre.view(S, -1).gather(1, i).relu()).view_as(pre)
+        return acts, l0, extra
+
+    def _rank_keep(self, kmax: int, device) -> torch.Tensor:
+        """[S, kmax] float: 1 where rank r < k_s (TopK blocks with different k)."""
+        return (torch.arange(kmax, device=device) < torch.tensor(self.ks, device=device).unsqueeze(1)).float()
+
+    def _sparse_code(self, x):
+        """The TopK-family step of lib/kernels.py on virtual rows r = s*B + b (block s, row b):
+        pattern columns are global latent ids s*d + j, so the sparse decode applies as is.
+        Returns x_hat [S, B, d_in], pre [S, B, d] (no grad), vals, pattern."""
+        B, S, d = x.shape[0], self.S, self.d_sae
+        with torch.no_grad():
+            x_c = (x - self.b_dec.unsqueeze(1)).view(S * B, -1)                    # [S*B, d_in]
+            pre = torch.baddbmm(self.b_enc.unsqueeze(1), x_c.view(S, B, -1), self.W_enc)
+            if self.arch == "topk":
+                kmax = max(self.ks)
+                if min(self.ks) == kmax:
+                    v, i = topk_relu(pre.view(S * B, d), kmax)
+                    v = v.reshape(-1)
+                else:
+                    v, i = pre.view(S * B, d).topk(kmax, dim=-1)
+                    v = (v.relu().view(S, B, kmax) * self._rank_keep(kmax, x.device).unsqueeze(1)).reshape(-1)
+                base = torch.arange(S, device=x.device).repeat_interleave(B).unsqueeze(1) * d
+                pat = SparsePattern.from_topk(i + base, S * d)
+            else:                                           # batchtopk: top k*B of each block's [B, d]
+                v, flat = topk_relu(pre.view(S, B * d), self.ks[0] * B)                  # flat = b*d + j
+                self._min_active = torch.where(v > 0, v, torch.inf).amin(-1)
+                s = torch.arange(S, device=x.device).unsqueeze(1)
+                glob, order = ((s * B + flat // d) * (S * d) + s * d + flat % d).view(-1).sort()
+                v = v.view(-1).index_select(0, order)
+                pat = SparsePattern.from_flat(glob, S * B, S * d)
+        vals = _StackedSparseEncode.apply(v, x_c, self.W_enc, self.b_enc, self.b_dec, pat).relu()
+        x_hat = _SparseDecode.apply(vals, self.W_dec.view(S * d, -1), pat).view(S, B, -1) + self.b_dec.unsqueeze(1)
+        return x_hat, pre, vals, pat
+
+    # -- AuxK (Gao et al. 2024) per block: sae.SAE._auxk_e_hat and _auxk_loss -----------------
+
+    def _dense_auxk(self, pre: torch.Tensor, dead_mask: torch.Tensor):
+        """e_hat [S, B, d_in]: each block's k_aux largest dead pre-activations per row, decoded
+        (raw for relu / jumprelu, ReLU'd for the TopK family); None when nothing is dead.
+        (Masks are float, added or multiplied: boolean masks cost ~10x more on a CPU.)"""
+        k_aux = min(self.k_aux, int(dead_mask.sum(1).max()))
+        if k_aux == 0:
+            return None
+        dead = dead_mask.unsqueeze(1).to(pre.dtype)                              # [S, 1, d]
+        with torch.no_grad():
+            i = (pre + torch.zeros_like(dead).masked_fill_(dead == 0, -torch.inf)).topk(k_aux, dim=-1).indices
+            valid = dead.expand_as(pre).gather(-1, i)                            # blocks with fewer dead
+        v = pre.gather(-1, i)
+        v = (v.relu() if self.arch in ("topk", "batchtopk") else v) * valid
+        return torch.bmm(torch.zeros_like(pre).scatter(-1, i, v), self.W_dec)
+
+    def _sparse_auxk(self, pre, x, dead_mask):
+        """The TopK family's AuxK over the sub-dictionary of dead latents (kernels.sparse_auxk_e_hat):
+        each block's dead latents gathered (padded to the most any block has), the k_aux largest
+        of each row kept, then encoded and decoded with one batched matmul each."""
+        S, B, d = pre.shape
+        with torch.no_grad():
+            n_dead = dead_mask.sum(1)
+            n = int(n_dead.max())
+            k_aux = min(self.k_aux, n)
+            if k_aux == 0:
+                return None
+            idx = torch.argsort((~dead_mask).to(torch.int8), dim=1, stable=True)[:, :n]    # dead ids first
+            valid = (torch.arange(n, device=pre.device) < n_dead.unsqueeze(1)).unsqueeze(1).to(pre.dtype)  # [S, 1, n]
+            keep = valid
+            if k_aux < n:                    # the k_aux most active dead latents of each (block, row)
+                sub = pre.gather(2, idx.unsqueeze(1).expand(S, B, n)).relu_().mul_(valid)
+                _, top = topk_relu(sub.view(S * B, n), k_aux)
+                keep = torch.zeros(S * B, n, dtype=pre.dtype, device=pre.device).scatter_(1, top, 1.0)
+                keep = keep.view(S, B, n).mul_(valid)
+        W_enc = self.W_enc.gather(2, idx.unsqueeze(1).expand(S, self.d_in, n))                  # [S, d_in, n]
+        pre_sub = torch.baddbmm(self.b_enc.gather(1, idx).unsqueeze(1), x - self.b_dec.unsqueeze(1), W_enc)
+        aux = pre_sub.relu() * keep
+        return torch.bmm(aux, self.W_dec.gather(1, idx.unsqueeze(2).expand(S, n, self.d_in)))
+
+    def _auxk_loss(self, x, x_hat, e_hat, dead_mask, all_reduce):
+        """Per block |e - e_hat|^2 / |e - mean(e)|^2 (sae.SAE._auxk_loss); 0 where nothing is dead."""
+        if e_hat is None:
+            return x.new_zeros(self.S)
+        e = (x - x_hat).detach()                                                  # [S, B, d_in]
+        num = (e - e_hat).pow(2).sum(-1).mean(1)
+        with torch.no_grad():           # per-block sums in float32 (fast), combined in float64
+            n = torch.full((self.S, 1), float(e.shape[1]), dtype=torch.float64, device=e.device)
+            stats = torch.cat([e.sum(1).double(), e.pow(2).sum((1, 2)).double().unsqueeze(1), n], 1)  # [S, d_in + 2]
+            if all_reduce is not None:
+                all_reduce(stats)
+            mean, sq = stats[:, :-2] / stats[:, -1:], stats[:, -2] / stats[:, -1]
+            var = (sq - mean.pow(2).sum(1)).clamp_min(1e-12).to(e.dtype)
+        return torch.where(dead_mask.any(1), num / var, 0.0)
+
+    # -- the step's constraints (sae.SAE's, per block) ----------------------------------------
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        if self.W_dec.grad is not None:
+            g, w = self.W_dec.grad, self.W_dec
+            g.sub_((g * w).sum(-1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def post_step_(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        if self.arch == "jumprelu":
+            self.threshold.clamp_(min=0.0)
+
+    @torch.no_grad()
+    def update_threshold_(self, s: int, min_active: float) -> None:
+        """BatchTopK block s: sae.SAE.update_threshold_ on its slice."""
+        m = float(min_active)
+        if not math.isfinite(m) or m <= 0:
+            return
+        t = self.threshold[s]
+        if float(t[0]) == 0.0:
+            t.fill_(m)
+        else:
+            t.mul_(1 - self.threshold_ema).add_(self.threshold_ema * m)
+
+    # -- back to the SAEs and their optimisers --------------------------------------------------
+
+    @torch.no_grad()
+    def export_(self, s: int, sae: SAE, opt: "StackedAdam | None" = None, torch_opt=None) -> None:
+        """Copy block s into `sae` (weights, JumpReLU / BatchTopK threshold) and, with `opt`, the
+        block's Adam state into `torch_opt` (a torch.optim.Adam over sae.parameters()), so that
+        03 evaluates, checkpoints and saves it as a single run's SAE."""
+        names = [n for n, _ in self.named_parameters()] + (["threshold"] if self.arch == "batchtopk" else [])
+        for n in names:
+            getattr(sae, n).copy_(getattr(self, n)[s])
+        if opt is not None and torch_opt is not None:
+            for n, p in sae.named_parameters():
+                torch_opt.state[p] = {"step": torch.tensor(float(opt.steps)), "exp_avg": opt.m[n][s].clone(),
+                                      "exp_avg_sq": opt.v[n][s].clone()}
+
+
+class StackedAdam:
+    """torch.optim.Adam's update (no weight decay, no amsgrad) on a StackedSAE, with one
+    learning rate per block, so each SAE follows its own schedule (a finished one: lr 0):
+
+        m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+        p <- p - lr_s / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+
+    def __init__(self, stack: StackedSAE, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.betas, self.eps = betas, eps
+        self.params = dict(stack.named_parameters())
+        self.m = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.v = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.steps = 0
+        self.lrs = [0.0] * stack.S                      # set before each step: one lr per block
+
+    @torch.no_grad()
+    def load_from(self, saes: list[SAE], torch_opts: list) -> None:
+        """Each SAE's own optimiser state (as a checkpoint restores it) into its block."""
+        steps = set()
+        for s, (sae, o) in enumerate(zip(saes, torch_opts)):
+            for n, p in sae.named_parameters():
+                st = o.state.get(p)
+                if st:
+                    steps.add(int(float(st["step"])))
+                    self.m[n][s].copy_(st["exp_avg"])
+                    self.v[n][s].copy_(st["exp_avg_sq"])
+        assert len(steps) <= 1, "the SAEs of one stack were checkpointed at different Adam steps"
+        self.steps = steps.pop() if steps else 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        b1, b2 = self.betas
+        step_size = torch.tensor(self.lrs, dtype=torch.float32) / (1 - b1 ** self.steps)
+        bc2_sqrt = math.sqrt(1 - b2 ** self.steps)
+        for n, p in self.params.items():
+            if p.grad is None:
+                continue
+            m, v = self.m[n], self.v[n]
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            lr = step_size.to(p.device).view(-1, *[1] * (p.dim() - 1))
+            p.sub_(m / denom * lr)

@@ -1,0 +1,129 @@
+"""lib/stacked.py: S SAEs stacked into one module are, block for block, the S sae.SAE objects
+they came from: the same loss terms, L0, fired latents and gradients, on the sparse and the
+plain path, with AuxK; StackedAdam is torch.optim.Adam with a learning rate per block."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib.stacked import StackedAdam, StackedSAE
+from sae import SAE
+
+D, DSAE, B = 16, 48, 64
+
+
+def make(arch, ks, sparse, seed0=0):
+    saes = []
+    for s, k in enumerate(ks):
+        g = torch.Generator().manual_seed(seed0 + s)
+        sae = SAE(D, DSAE, arch, k, k_aux=6, bandwidth=0.05, init_threshold=0.05, sparse=sparse, generator=g)
+        with torch.no_grad():
+            sae.b_dec.normal_(0, 0.3, generator=g)
+            sae.b_enc.normal_(0, 0.1, generator=g)
+            if arch == "batchtopk":
+                sae.threshold.fill_(0.2 + 0.1 * s)
+        saes.append(sae.train())
+    return saes
+
+
+CASES = [("topk", [3, 3, 3], True), ("topk", [1, 3, 5], True), ("topk", [2, 4], False),
+         ("batchtopk", [3, 3], True), ("batchtopk", [3, 3, 3], False), ("relu", [3, 3], None),
+         ("jumprelu", [3, 3, 3], None)]
+
+
+@pytest.mark.parametrize("arch,ks,sparse", CASES)
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_stack_equals_its_saes_in_values_and_gradients(arch, ks, sparse, with_dead):
+    torch.manual_seed(0)
+    x = torch.randn(B, D) + 0.5
+    saes = make(arch, ks, sparse)
+    stack = StackedSAE(saes)
+    S = len(saes)
+    dead = None
+    if with_dead:                                  # block s: the first 5 + 3s latents are dead
+        dead = torch.zeros(S, DSAE, dtype=torch.bool)
+        for s in range(S):
+            dead[s, : 5 + 3 * s] = True
+        if S > 1:
+            dead[1] = False                        # a block with nothing dead: its AuxK term is 0
+    coeff = torch.tensor([0.01 * (s + 1) for s in range(S)]) if arch in ("relu", "jumprelu") else None
+    total, outs = stack(x, dead, coeff)
+    total.backward()
+    for s, sae in enumerate(saes):
+        ref = sae(x, dead_mask=None if dead is None else dead[s], sparsity_coeff=None if coeff is None else float(coeff[s]))
+        ref.loss.backward()
+        assert set(outs[s].losses) == set(ref.losses)
+        for name, v in ref.losses.items():
+            assert torch.allclose(outs[s].losses[name], v, rtol=1e-4, atol=1e-6), (s, name)
+        assert torch.allclose(outs[s].x_hat, ref.x_hat, atol=1e-5)
+        assert float(outs[s].l0) == pytest.approx(float(ref.l0))
+        assert torch.equal(outs[s].fired, ref.fired)
+        if arch == "batchtopk":
+            assert float(outs[s].min_active) == pytest.approx(float(ref.min_active))
+        for name, p in sae.named_parameters():
+            g = getattr(stack, name).grad[s]
+            assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-5), (s, name)
+
+
+def test_export_gives_back_each_sae_and_its_adam_state():
+    saes = make("topk", [2, 2, 2], True)
+    stack = StackedSAE(saes)
+    opt = StackedAdam(stack)
+    x = torch.randn(B, D)
+    for _ in range(3):
+        total, _ = stack(x)
+        opt.zero_grad()
+        total.backward()
+        stack.remove_parallel_grad_()
+        opt.lrs = [1e-2, 0.0, 1e-3]
+        opt.step()
+        stack.post_step_()
+    fresh = make("topk", [2, 2, 2], True)
+    for s in range(3):
+        target = make("topk", [2], True, seed0=99)[0]
+        topt = torch.optim.Adam(target.parameters(), lr=1e-3)
+        stack.export_(s, target, opt, topt)
+        for name, p in target.named_parameters():
+            assert torch.equal(p, getattr(stack, name)[s])
+            assert float(topt.state[p]["step"]) == 3
+        if s == 1:                                 # lr 0: the block did not move
+            for name, p in target.named_parameters():
+                assert torch.allclose(p, dict(fresh[1].named_parameters())[name], atol=1e-6)
+    # and back: a stack rebuilt from exported SAEs and optimisers continues where this one is
+    outs_saes, opts = [], []
+    for s in range(3):
+        t = make("topk", [2], True, seed0=7)[0]
+        o = torch.optim.Adam(t.parameters(), lr=1e-3)
+        stack.export_(s, t, opt, o)
+        outs_saes.append(t)
+        opts.append(o)
+    again = StackedSAE(outs_saes)
+    opt2 = StackedAdam(again)
+    opt2.load_from(outs_saes, opts)
+    assert opt2.steps == 3
+    for n in opt.m:
+        assert torch.equal(opt.m[n], opt2.m[n]) and torch.equal(opt.v[n], opt2.v[n])
+
+
+def test_stacked_adam_is_torch_adam_per_block():
+    saes = make("relu", [3, 3], None)
+    twins = make("relu", [3, 3], None)
+    stack = StackedSAE(saes)
+    opt = StackedAdam(stack)
+    topts = [torch.optim.Adam(t.parameters(), lr=lr) for t, lr in zip(twins, (3e-3, 1e-3))]
+    x = torch.randn(B, D)
+    coeff = torch.tensor([0.01, 0.01])
+    for _ in range(5):
+        total, _ = stack(x, None, coeff)
+        opt.zero_grad()
+        total.backward()
+        opt.lrs = [3e-3, 1e-3]
+        opt.step()
+        for t, o in zip(twins, topts):
+            out = t(x, sparsity_coeff=0.01)
+            o.zero_grad()
+            out.loss.backward()
+            o.step()
+    for s, t in enumerate(twins):
+        for name, p in t.named_parameters():
+            assert torch.allclose(getattr(stack, name)[s], p, atol=1e-5), name
