@@ -116,10 +116,10 @@ def get_args(argv=None):
     p.add_argument("--decay-frac", type=float, default=0.2,
                    help="final linear lr decay to 0: a fraction of the steps (--tokens) or of the steps done when "
                         "the plateau is reached")
-    p.add_argument("--init", choices=("auto", "tied", "data", "orthogonal"), default="auto",
-                   help="decoder rows: random unit vectors (tied, Gao et al. 2024), random data rows minus b_dec "
-                        "(data, sae.SAE.init_from_data_), or semi-orthogonal; W_enc = W_dec^T in all three. auto: "
-                        "data for an activations file (held in memory: small, often of low rank), tied for LM shards")
+    p.add_argument("--init", choices=("tied", "data", "orthogonal"), default="tied",
+                   help="decoder rows: random unit vectors (Gao et al. 2024), random data rows minus b_dec "
+                        "(sae.SAE.init_from_data_: fewer dead latents on data of low rank, but on modular addition "
+                        "better only at k 2; bench/bench_recipe.py), or semi-orthogonal; W_enc = W_dec^T in all three")
     p.add_argument("--no-normalize", action="store_true", help="do not scale inputs to unit mean squared norm")
     p.add_argument("--l1-coeff", type=float, default=None,
                    help="relu: fixed L1 coefficient (default: steered so that L0 approaches --k)")
@@ -663,9 +663,8 @@ def train(args, dist: Dist, dev: torch.device):
                           buffer_rows=args.buffer_rows, scale=scale, device=dev)
 
     # --- each SAE, its optimiser and its training state (or its checkpoint) -------------------
-    init = args.init if args.init != "auto" else ("data" if acts.kind == "file" else "tied")
     for run in runs:
-        build_run(run, args, x_train, dev, dist, max_steps, init)
+        build_run(run, args, x_train, dev, dist, max_steps, args.init)
         run.ckpt_meta = {"config": {k: v for k, v in vars(args).items() if k not in RESUME_FREE},
                          "acts_sha256_1mb": acts.sha256_1mb, "d_in": acts.d_in, "d_sae": run.d_sae, "k": run.k,
                          "seed": run.seed, "n_train": n_train, "input_scale": scale, "data": source.state()}

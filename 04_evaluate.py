@@ -1,8 +1,13 @@
-"""Stage 04: evaluate one SAE on held-out activations; writes eval.json (+ a density histogram PNG).
+"""Stage 04: evaluate SAEs on held-out activations; writes one eval.json per SAE (+ a density histogram PNG).
 
     python 04_evaluate.py --sae runs/modadd/seed42/sae/topk/seed42 \\
         --acts runs/modadd/seed42/acts/resid_post.safetensors --run runs/modadd/seed42 \\
         --out results/modadd/seed42/eval/topk_seed42/eval.json
+    python 04_evaluate.py --sae A B C --acts ... --out a/eval.json b/eval.json c/eval.json   # several, one process
+
+Several SAEs in one call share the opened activations, the ground truth, the model and the
+chance levels of each width, so each costs a fraction of a call of its own; each eval.json is
+what a call of its own writes.
 
 Every number is one function of metrics.py (formula in its docstring):
   reconstruction  MSE, FVU, explained variance (EV = 1 - sum|x - x_hat|^2 / sum|x - mean x|^2),
@@ -29,6 +34,8 @@ SAEs in SAELens's layout (sae_weights.safetensors + cfg.json) load through sae.S
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import math
 from pathlib import Path
 
@@ -46,7 +53,8 @@ CHUNK = 4096
 
 def parse_args(argv=None):
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sae", type=Path, required=True, help="SAE directory (cfg.json + sae_weights.safetensors)")
+    ap.add_argument("--sae", type=Path, nargs="+", required=True,
+                    help="SAE directory (cfg.json + sae_weights.safetensors); several: one --out each")
     ap.add_argument("--acts", type=Path, required=True,
                     help="activations .safetensors (02), a directory holding activations.safetensors, "
                          "or an LM activations directory with manifest.json")
@@ -54,7 +62,7 @@ def parse_args(argv=None):
                     help="modular-addition model directory (01) for the downstream metrics "
                          "(default: the run named in the activations' sidecar, if it exists)")
     ap.add_argument("--no-model", action="store_true", help="skip the downstream metrics")
-    ap.add_argument("--out", type=Path, required=True, help="eval.json to write")
+    ap.add_argument("--out", type=Path, nargs="+", required=True, help="eval.json to write, one per --sae")
     ap.add_argument("--split-seed", type=int, default=0,
                     help="seeded 10%% hold-out when the activations have no train_mask (as 03)")
     ap.add_argument("--max-rows", type=int, default=100_000, help="at most this many held-out rows")
@@ -65,7 +73,10 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    check(args.out.suffix == ".json", f"--out {args.out} must be a .json file")
+    check(len(args.out) == len(args.sae), f"--out names {len(args.out)} file(s) for {len(args.sae)} --sae director"
+                                          f"{'y' if len(args.sae) == 1 else 'ies'}: give one eval.json per SAE")
+    for out in args.out:
+        check(out.suffix == ".json", f"--out {out} must be a .json file")
     check(args.max_rows > 0, "--max-rows must be > 0")
     check(0 < args.recovery_cos < 1, "--recovery-cos must be in (0, 1)")
     check(args.n_random >= 1, "--n-random must be >= 1")
@@ -147,8 +158,9 @@ def random_decoder_sae(sae: SAE, x: torch.Tensor, k: int, g: torch.Generator) ->
 
 @torch.no_grad()
 def ground_truth_metrics(sae: SAE, acts: Acts, gt: G.GroundTruth, l0: float, n_random: int, seed: int,
-                         threshold: float) -> dict:
-    """The SAE against the site's ground-truth features, over the full grid, beside chance."""
+                         threshold: float, cache: dict) -> dict:
+    """The SAE against the site's ground-truth features, over the full grid, beside chance (the
+    chance levels of a width and the PCA basis computed once per call of 04: `cache`)."""
     x, a, b = acts.x, acts.labels["a"], acts.labels["b"]
     codes, _ = encode_all(sae, x)
     W = sae.W_dec.detach().double()
@@ -157,11 +169,16 @@ def ground_truth_metrics(sae: SAE, acts: Acts, gt: G.GroundTruth, l0: float, n_r
         best, idx = M.best_feature_match(F, W)
         mine[name]["best_cos"] = [round(float(v), 4) for v in best]
         mine[name]["best_latent"] = [int(v) for v in idx]
-    chance = G.chance_levels(gt, x, sae.d_sae, seeds=range(seed, seed + n_random), threshold=threshold)
+    key = ("chance", sae.d_sae)
+    if key not in cache:
+        cache[key] = G.chance_levels(gt, x, sae.d_sae, seeds=range(seed, seed + n_random), threshold=threshold)
+    chance = copy.deepcopy(cache[key])
     # selectivity at chance: a TopK SAE with random unit decoder rows and k = round(L0); the signed PCA codes
     rs = random_decoder_sae(sae, x, int(round(l0)), torch.Generator().manual_seed(seed))
     rand_codes, _ = encode_all(rs, x)
-    Vh, _, _ = M.pca_basis(x)
+    if "pca" not in cache:
+        cache["pca"] = M.pca_basis(x)
+    Vh, _, _ = cache["pca"]
     proj = (x.double() - x.double().mean(0)) @ Vh.T
     pca_codes = torch.cat([proj, -proj], 1).relu()
     for name in gt.features:
@@ -216,7 +233,7 @@ def lm_metrics(args, sae: SAE, acts: Acts, device) -> dict:
     return res, codes
 
 
-def file_metrics(args, sae: SAE, acts: Acts) -> dict:
+def file_metrics(args, sae: SAE, acts: Acts, cache: dict) -> dict:
     """An activations file: held-out rows and the dead fraction on all rows; for modular addition
     (a and b over the full grid) the ground-truth metrics, and (given the run) the downstream ones."""
     x_held = acts.heldout_rows(args.max_rows)
@@ -231,9 +248,11 @@ def file_metrics(args, sae: SAE, acts: Acts) -> dict:
         res["sparsity"]["all_rows"] = acts.n_rows
     notes = []
     if {"a", "b"} <= set(acts.labels):
-        gt, where = G.load_or_fit(acts)
+        if "gt" not in cache:
+            cache["gt"] = G.load_or_fit(acts)
+        gt, where = cache["gt"]
         res["ground_truth"] = ground_truth_metrics(sae, acts, gt, res["sparsity"]["l0"], args.n_random, args.seed,
-                                                   args.recovery_cos)
+                                                   args.recovery_cos, cache)
         res["_inputs"]["ground_truth"] = where
     else:
         notes.append("the activations carry no a, b labels: no ground-truth metrics")
@@ -241,7 +260,7 @@ def file_metrics(args, sae: SAE, acts: Acts) -> dict:
     if run is None:
         notes.append("no model run (--run) given or found: downstream metrics skipped")
     else:
-        res["downstream"] = modadd_downstream_metrics(sae, acts, run)
+        res["downstream"] = modadd_downstream_metrics(sae, acts, run, cache)
         res["run"] = str(run)
         res["_inputs"]["run"] = str(run)
     if notes:
@@ -249,10 +268,12 @@ def file_metrics(args, sae: SAE, acts: Acts) -> dict:
     return res, codes
 
 
-def modadd_downstream_metrics(sae: SAE, acts: Acts, run: Path) -> dict:
+def modadd_downstream_metrics(sae: SAE, acts: Acts, run: Path, cache: dict) -> dict:
     """The SAE's reconstruction spliced in at its site of the modular-addition model (`=` position)."""
     from lib import modadd
-    model, _ = modadd.load_run(run)
+    if ("model", run) not in cache:
+        cache[("model", run)] = modadd.load_run(run)[0]
+    model = cache[("model", run)]
     p, x = model.cfg.p, acts.x
     site, layer = acts.sidecar.get("site"), acts.sidecar.get("layer")
     check(site in modadd.SITES and isinstance(layer, int),
@@ -295,30 +316,43 @@ def summary_line(out: Path, result: dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    check(args.sae.is_dir(), f"--sae {args.sae} is not a directory")
-    sae = SAE.load(args.sae, device="cpu")
+    for path in args.sae:
+        check(path.is_dir(), f"--sae {path} is not a directory")
+    saes = [SAE.load(path, device="cpu") for path in args.sae]          # every input checked before any output
     acts = open_acts(args.acts, args.split_seed)
-    check_width(acts, sae.d_in, f"the SAE {args.sae}")
+    for path, sae in zip(args.sae, saes):
+        check_width(acts, sae.d_in, f"the SAE {path}")
+    cache = {}
+    for path, sae, out in zip(args.sae, saes, args.out):
+        result = evaluate(args, path, sae, acts, out, device, cache)
+        if not args.quiet:
+            print(summary_line(out, result))
+
+
+def evaluate(args, path: Path, sae: SAE, acts: Acts, out: Path, device, cache: dict) -> dict:
+    """One SAE's eval.json."""
     meta = sae.metadata
-    sae_info = {"path": str(args.sae), "arch": sae.arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
+    sae_info = {"path": str(path), "arch": sae.arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
                 "seed": meta.get("seed"), "hook_name": meta.get("hook_name"), "model_name": meta.get("model_name")}
     side = acts.sidecar
-    result = {"sae": sae_info, "acts": str(acts.path), "inputs": {"sae": str(args.sae), "acts": str(acts.path)},
+    result = {"sae": sae_info, "acts": str(acts.path), "inputs": {"sae": str(path), "acts": str(acts.path)},
               "site": {"site": side.get("site"), "layer": side.get("layer"), "hook_name": side.get("hook_name"),
                        "model": side.get("model") or side.get("run"), "tokens": side.get("token_count")}}
     if acts.kind == "shards":
         part, codes = lm_metrics(args, sae, acts, device)
     else:
-        part, codes = file_metrics(args, sae, acts)
-        result["inputs"]["acts_sha256"] = file_sha256(acts.path)
+        part, codes = file_metrics(args, sae, acts, cache)
+        if "acts_sha256" not in cache:
+            cache["acts_sha256"] = file_sha256(acts.path)
+        result["inputs"]["acts_sha256"] = cache["acts_sha256"]
     result["inputs"].update(part.pop("_inputs", {}))
     result.update(part)
-    title = f"{args.sae.name if args.sae.name else args.sae} ({sae.arch}, d_sae={sae.d_sae})"
-    result["figures"] = {"density": str(density_histogram(codes, args.out.with_name(args.out.stem + "_density.png"), title))}
-    result.update(provenance(args, seed=sae_info["seed"], baseline_seed=args.seed))
-    save_json(result, args.out)
-    if not args.quiet:
-        print(summary_line(args.out, result))
+    title = f"{path.name if path.name else path} ({sae.arch}, d_sae={sae.d_sae})"
+    result["figures"] = {"density": str(density_histogram(codes, out.with_name(out.stem + "_density.png"), title))}
+    one = argparse.Namespace(**{**vars(args), "sae": path, "out": out})      # the config of this SAE's evaluation
+    result.update(provenance(one, seed=sae_info["seed"], baseline_seed=args.seed))
+    save_json(result, out)
+    return result
 
 
 if __name__ == "__main__":

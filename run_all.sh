@@ -52,6 +52,7 @@ SWEEP=${SWEEP:-1}
 SWEEP_K=${SWEEP_K:-"1 2 3 4 8 16 32"}
 SWEEP_D=${SWEEP_D:-"128 256 512 1024"}
 SWEEP_SEEDS=${SWEEP_SEEDS:-"1 2"}
+SWEEP_ARGS=${SWEEP_ARGS:-""}
 # The study's configuration without a sweep: what CHOOSE_RULE picks on the default model (seed 42).
 STUDY_POST=${STUDY_POST:-"2 512"}
 STUDY_MID=${STUDY_MID:-"2 256"}
@@ -113,10 +114,12 @@ train_saes() {
     touch "$out/.complete"
 }
 
-evaluate() {   # args: sae acts eval.json [04 flags...]
-    local sae=$1 acts=$2 ev=$3; shift 3
+evaluate() {   # args: acts "04 flags" sae1 eval1 [sae2 eval2 ...]: one 04 call for the SAEs not yet evaluated
+    local acts=$1 flags=$2 saes=() outs=(); shift 2
+    while (( $# )); do [[ -f "$2" ]] || { saes+=("$1"); outs+=("$2"); }; shift 2; done
+    (( ${#saes[@]} )) || return 0
     # shellcheck disable=SC2086
-    [[ -f "$ev" ]] || "$PY" 04_evaluate.py --sae "$sae" --acts "$acts" --out "$ev" --quiet "$@" $EVAL_ARGS
+    "$PY" 04_evaluate.py --sae "${saes[@]}" --acts "$acts" --out "${outs[@]}" --quiet $flags $EVAL_ARGS
 }
 
 overlap() {    # args: out_dir sae_dir...
@@ -128,43 +131,46 @@ overlap() {    # args: out_dir sae_dir...
     fi
 }
 
-# The TopK sweep over k x width at one site: a width's whole grid (k x seeds) in one 03 pass.
+# The TopK sweep over k x width at one site: a width's whole grid (k x seeds) in one 03 pass and one
+# 04 call; the seeds' agreement on the ground truth (features every seed recovers) comes from the
+# eval files (lib/report.py), so the sweep needs no 05.
 sweep() {      # args: acts sae_root results_root
-    local acts=$1 root=$2 res=$3 d k s dirs
+    local acts=$1 root=$2 res=$3 d k s pairs
     for d in $SWEEP_D; do
         log "03 sweep: topk, width $d, k $SWEEP_K, seeds $SWEEP_SEEDS"
         # shellcheck disable=SC2086
-        job train_saes "$acts" "$root/d$d" topk "$SWEEP_SEEDS" --k $SWEEP_K --d-sae "$d"
+        job train_saes "$acts" "$root/d$d" topk "$SWEEP_SEEDS" --k $SWEEP_K --d-sae "$d" $SWEEP_ARGS
     done
     drain
-    log "04/05 sweep"
-    for d in $SWEEP_D; do for k in $SWEEP_K; do
-        dirs=()
-        for s in $SWEEP_SEEDS; do
-            dirs+=("$root/d$d/k${k}_seed$s")
-            job evaluate "$root/d$d/k${k}_seed$s" "$acts" "$res/k${k}_d$d/eval/topk_seed$s/eval.json" --no-model
-        done
-        (( ${#dirs[@]} >= 2 )) && job overlap "$res/k${k}_d$d/overlap" "${dirs[@]}"
-    done; done
+    log "04 sweep"
+    for d in $SWEEP_D; do
+        pairs=()
+        for k in $SWEEP_K; do for s in $SWEEP_SEEDS; do
+            pairs+=("$root/d$d/k${k}_seed$s" "$res/k${k}_d$d/eval/topk_seed$s/eval.json")
+        done; done
+        job evaluate "$acts" --no-model "${pairs[@]}"
+    done
     drain
 }
 
-# The study at one site: every architecture's seeds in one pass each, then 04 and 05.
+# The study at one site: every architecture's seeds in one 03 pass each, then one 04 call and one 05 per
+# architecture.
 study() {      # args: acts run sae_root results_root k [d_sae]
-    local acts=$1 run=$2 root=$3 res=$4 k=$5 d=${6:-} arch s dirs
+    local acts=$1 run=$2 root=$3 res=$4 k=$5 d=${6:-} arch s dirs pairs
     for arch in $ARCHS; do
         log "03 $arch k $k d_sae ${d:-default} seeds $SEEDS"
         job train_saes "$acts" "$root/$arch" "$arch" "$SEEDS" --k "$k" ${d:+--d-sae "$d"}
     done
     drain
+    log "04/05 study"
     for arch in $ARCHS; do
-        dirs=()
+        dirs=(); pairs=()
         for s in $SEEDS; do
             local sae=$root/$arch/seed$s
             (( $(wc -w <<< "$SEEDS") == 1 )) && sae=$root/$arch
-            dirs+=("$sae")
-            job evaluate "$sae" "$acts" "$res/eval/${arch}_seed$s/eval.json" ${run:+--run "$run"}
+            dirs+=("$sae"); pairs+=("$sae" "$res/eval/${arch}_seed$s/eval.json")
         done
+        job evaluate "$acts" "${run:+--run $run}" "${pairs[@]}"
         (( ${#dirs[@]} >= 2 )) && job overlap "$res/overlap/$arch" "${dirs[@]}"
     done
     drain

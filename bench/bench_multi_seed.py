@@ -1,4 +1,6 @@
-"""Five seeds in one pass (03 --seed 1 2 3 4 5) against five runs one after another, in one run.
+"""Five seeds in one pass (03 --seed 1 2 3 4 5) against five runs one after another, in one run;
+and the same pass with --stack off, to show what the stacked step (lib/stacked.py) adds to the
+shared read and start-up.
 
     .venv/bin/python bench/bench_multi_seed.py
     .venv/bin/python bench/bench_multi_seed.py --steps 200 --lm-acts runs/smollm2/acts/L15_resid_post
@@ -67,14 +69,17 @@ def main():
         raise SystemExit(f"{a.acts} is missing (run_all.sh, or 01 + 02, make it)")
     batch = 1024                                      # 03's default on the 11,492 modular-addition train rows
     print(f"5 seeds in one pass vs 5 runs one after another; {a.steps} steps at batch {batch}; whole processes")
-    print(f"{'shape':22s} {'one pass s':>10s} {'5 runs s':>9s} {'speed-up':>9s}")
+    print(f"{'shape':22s} {'one pass s':>10s} {'unstacked s':>11s} {'5 runs s':>9s} {'speed-up':>9s} "
+          f"{'unstacked speed-up':>18s}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for d_sae, k in ((256, 2), (1024, 32)):
             flags = ["--acts", a.acts, "--arch", "topk", "--k", k, "--d-sae", d_sae, "--tokens", a.steps * batch]
             one = run03(*flags, "--out", tmp / f"one_{d_sae}", "--seed", *SEEDS)
+            off = run03(*flags, "--out", tmp / f"off_{d_sae}", "--seed", *SEEDS, "--stack", "off")
             seq = sum(run03(*flags, "--out", tmp / f"seq_{d_sae}_{s}", "--seed", s) for s in SEEDS)
-            print(f"{f'128 -> {d_sae}, k {k}':22s} {one:10.1f} {seq:9.1f} {seq / one:8.2f}x")
+            print(f"{f'128 -> {d_sae}, k {k}':22s} {one:10.1f} {off:11.1f} {seq:9.1f} {seq / one:8.2f}x "
+                  f"{seq / off:17.2f}x")
         if (a.lm_acts / "manifest.json").is_file():
             m = A.read_manifest(a.lm_acts)
             tokens = min(int(m["split"]["n_train_rows"]), 4096 * 60)

@@ -436,16 +436,16 @@ def score_decoder(gt: GroundTruth, decoder: torch.Tensor, acts: torch.Tensor | N
 
 
 def chance_decoders(x: torch.Tensor, n_latents: int, seed: int = 0,
-                    var_frac: float = CHANCE_VAR_FRAC) -> tuple[dict, int]:
+                    var_frac: float = CHANCE_VAR_FRAC, pca=None) -> tuple[dict, int]:
     """Baseline decoders for site activations x [N, d]:
     - random_isotropic: n_latents unit rows uniform on S^{d-1} (same shape as the SAE's decoder);
     - random_pca_subspace: n_latents unit rows uniform on the unit sphere of the top-r principal
       subspace of x, r the smallest holding var_frac (99%) of the variance;
     - pca_signed: the d principal directions AND their negatives (2d rows): an SAE's codes are
       >= 0, so it needs two latents to cover +/- one direction; the signed basis is the fair PCA dictionary.
-    Returns (decoders by name, r)."""
+    pca: M.pca_basis(x, var_frac), when the caller has it already. Returns (decoders by name, r)."""
     g = torch.Generator().manual_seed(seed)
-    Vh, _, r = M.pca_basis(x, var_frac)
+    Vh, _, r = pca or M.pca_basis(x, var_frac)
     d = x.shape[1]
     return {"random_isotropic": M.random_unit_rows(n_latents, d, g),
             "random_pca_subspace": M.random_unit_rows(n_latents, d, g, basis=Vh[:r]),
@@ -457,8 +457,9 @@ def chance_levels(gt: GroundTruth, x: torch.Tensor, n_latents: int, seeds=(0, 1,
     """score_decoder (without selectivity) for each chance_decoders baseline; the random ones
     averaged over `seeds` (the PCA basis is deterministic). -> {baseline: {feature set: {metric: value}}, "r": r}."""
     acc, r = {}, None
+    pca = M.pca_basis(x, var_frac)                     # the same for every seed
     for i, seed in enumerate(seeds):
-        decs, r = chance_decoders(x, n_latents, seed, var_frac)
+        decs, r = chance_decoders(x, n_latents, seed, var_frac, pca)
         for bname, D in decs.items():
             if bname == "pca_signed" and i > 0:
                 continue

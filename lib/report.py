@@ -151,12 +151,32 @@ def answer_rows(es: list, overlaps: list) -> tuple[list, dict]:
                                                         "recovered") for e in group]),
                                 "chance_pca": mean([get(e, "ground_truth", "chance", "pca_signed", f, "recovered")
                                                     for e in group]),
-                                "every": get(o, "ground_truth", f, "every"),
-                                "both": get(o, "ground_truth", f, "both", "mean"),
+                                "every": get(o, "ground_truth", f, "every", default=None),
+                                "both": get(o, "ground_truth", f, "both", "mean", default=None),
                                 "pw_mcc_gt": get(o, "ground_truth", f, "pw_mcc_gt", "mean"),
                                 "n_features": get(group[0], "ground_truth", "sae", f, "n_features")}
+        for f, x in r["features"].items():        # no 05 over these SAEs (the sweep): from their evals
+            if x["every"] is None or x["both"] is None:
+                every, both = agreement_from_evals(group, f)
+                x["every"] = every if x["every"] is None else x["every"]
+                x["both"] = both if x["both"] is None else x["both"]
         rows[cfg] = r
     return list(feats_of(es)), rows
+
+
+def agreement_from_evals(group: list, f: str) -> tuple[float, float]:
+    """Features of set f recovered by every SAE of the group, and by both of a pair (mean over
+    pairs), from each eval.json's per-feature best cosine (what 05 reports, without 05)."""
+    hits = []
+    for e in group:
+        best, thr = get(e, "ground_truth", "sae", f, "best_cos", default=None), get(e, "ground_truth", "recovery_cos")
+        if not best or len(group) < 2:
+            return float("nan"), float("nan")
+        hits.append([c > thr for c in best])
+    every = statistics.fmean(all(h) for h in zip(*hits))
+    pairs = [statistics.fmean(x and y for x, y in zip(hits[i], hits[j]))
+             for i in range(len(hits)) for j in range(i + 1, len(hits))]
+    return every, statistics.fmean(pairs)
 
 
 def feats_of(es):

@@ -163,6 +163,29 @@ def test_random_decoders_score_at_chance_and_planted_table_rows_score_one(tiny_r
         assert m["mcc"] > r2["ground_truth"]["chance"]["random_isotropic"][name]["mcc"] + 0.2
 
 
+def test_several_saes_in_one_call_are_the_evaluations_of_their_own_calls(tiny_run, tmp_path):
+    """04 --sae A B --out a.json b.json: each eval.json is what a call of its own writes (the shared
+    ground truth, model and chance levels change nothing); a count mismatch is one line, nothing written."""
+    d = tiny_run["d"]
+    a = identity_sae(d).save(tmp_path / "A")
+    rs = EVAL.random_decoder_sae(SAE(d, 96, "topk", k=4), load_tensors_(tiny_run["acts"])["activations"], 4,
+                                 torch.Generator().manual_seed(5))
+    b = rs.save(tmp_path / "B")
+    common = ["--acts", str(tiny_run["acts"]), "--run", str(tiny_run["run"]), "--n-random", "2", "--quiet"]
+    EVAL.main(["--sae", str(a), str(b), "--out", str(tmp_path / "both" / "a.json"), str(tmp_path / "both" / "b.json"),
+               *common])
+    for name, sdir in (("a", a), ("b", b)):
+        EVAL.main(["--sae", str(sdir), "--out", str(tmp_path / "own" / f"{name}.json"), *common])
+        one, many = (json.loads((tmp_path / w / f"{name}.json").read_text()) for w in ("own", "both"))
+        assert many["config"]["sae"] == str(sdir) and many["config"]["out"].endswith(f"both/{name}.json")
+        for key in ("reconstruction", "sparsity", "downstream", "ground_truth", "sae", "inputs"):
+            assert many[key] == one[key], key
+    res = run_cli("--sae", a, b, "--acts", tiny_run["acts"], "--out", tmp_path / "x.json")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0 and len(lines) == 1 and "one eval.json per SAE" in lines[0]
+    assert not (tmp_path / "x.json").exists()
+
+
 def load_tensors_(path):
     from safetensors.torch import load_file
     return load_file(str(path))

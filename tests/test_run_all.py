@@ -23,8 +23,9 @@ def test_run_all_parses_and_rejects_an_unknown_target(tmp_path):
 
 def test_quick_run_all_end_to_end(tmp_path):
     """QUICK=1 bash run_all.sh from empty directories: model, activations + ground truth, a TopK
-    sweep (2 widths x 2 k x 2 seeds in one 03 pass per width), the configuration the rule picks,
-    the study (2 archs x 2 seeds), evaluations, overlaps, REPORT.md; a second call redoes nothing."""
+    sweep (2 widths x 2 k x 2 seeds in one 03 pass and one 04 call per width; its seed agreement
+    from the evals, no 05), the configuration the rule picks, the study (2 archs x 2 seeds),
+    evaluations, overlaps, REPORT.md; a second call redoes nothing."""
     env = {**os.environ, "QUICK": "1", "RUNS": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "res")}
     res = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -33,7 +34,7 @@ def test_quick_run_all_end_to_end(tmp_path):
     assert (tmp_path / "res" / "figures" / "sweep_resid_post.png").is_file()
     evals = sorted((tmp_path / "res").rglob("eval.json"))
     assert len(evals) == 8 + 4                                  # sweep 2 x 2 x 2, study 2 archs x 2 seeds
-    assert len(sorted((tmp_path / "res").rglob("overlap.json"))) == 4 + 2
+    assert len(sorted((tmp_path / "res").rglob("overlap.json"))) == 2       # the study's archs
     study = json.loads(next(p for p in evals if "sweep" not in p.parts).read_text())
     assert study["ground_truth"]["features"] and study["downstream"]["heldout"]["rows"] > 0
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.name in ("summary.json", "eval.json",
@@ -57,6 +58,18 @@ def fake_eval(arch, seed, ev, l0, answer, chance=0.0, sweep_k=None):
             "sparsity": {"l0": l0, "dead_fraction": 0.02, "dead_fraction_all_rows": 0.01, "dense_fraction": 0.0},
             "downstream": {"heldout": {"loss_recovered": 0.99, "kl_sae": 0.01, "kl_zero": 4.7}},
             "ground_truth": gt, "figures": {}}
+
+
+def test_seed_agreement_from_evals_is_what_05_would_report():
+    """Without an overlap.json (the sweep), the report takes 'recovered by every seed' and 'by both
+    of a pair' from the evals' per-feature best cosines: here 3 seeds over 4 features."""
+    from lib.report import agreement_from_evals
+    best = [[0.95, 0.95, 0.5, 0.95], [0.95, 0.5, 0.95, 0.95], [0.95, 0.95, 0.95, 0.5]]
+    group = [{"ground_truth": {"recovery_cos": 0.9, "sae": {"answer": {"best_cos": b}}}} for b in best]
+    every, both = agreement_from_evals(group, "answer")
+    assert every == 0.25                                        # only feature 0 is recovered by all three
+    assert both == (0.5 + 0.5 + 0.5) / 3                        # each pair shares 2 of the 4
+    assert all(v != v for v in agreement_from_evals(group[:1], "answer"))    # one seed: no agreement
 
 
 def fake_overlap(arch, seeds, every, sweep_k=None):

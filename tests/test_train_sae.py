@@ -121,11 +121,9 @@ def test_each_architecture_trains(arch, extra, k2, tmp_path):
 
 
 def test_auxk_revives_latents_that_die_without_it(k2, tmp_path):
-    """A high lr kills latents early (from random directions: --init tied); AuxK (Gao et al. 2024)
-    brings them back."""
+    """A high lr kills latents early; AuxK (Gao et al. 2024) brings them back."""
     acts, _ = k2
-    args = ["--acts", acts, "--arch", "topk", "--expansion", "4", "--lr", "1e-2", "--tokens", 128000, "--init", "tied",
-            *BASE]
+    args = ["--acts", acts, "--arch", "topk", "--expansion", "4", "--lr", "1e-2", "--tokens", 128000, *BASE]
     run(*args, "--out", tmp_path / "auxk")
     run(*args, "--out", tmp_path / "plain", "--no-auxk")
     with_, without = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("auxk", "plain"))
@@ -137,9 +135,9 @@ def test_auxk_revives_latents_that_die_without_it(k2, tmp_path):
 
 def test_data_init_keeps_latents_alive_on_low_rank_data(tmp_path):
     """On data of low rank (64 features in a 12-dim subspace of 64 dims, as modular addition's sites
-    are), random decoder directions mostly point outside the data and die; rows drawn from the data
-    (--init data, the default for an activations file) start inside it: far fewer dead latents,
-    better reconstruction and more of the true features recovered, on the same budget."""
+    are), random decoder directions (--init tied) mostly point outside the data and die; rows drawn
+    from the data (--init data) start inside it: far fewer dead latents, better reconstruction and
+    more of the true features recovered, on the same budget."""
     x, feats = sparse_dictionary_data(n=12000, d=12, n_feat=64, active=2)
     g = torch.Generator().manual_seed(7)
     basis = torch.linalg.qr(torch.randn(64, 12, generator=g))[0]                  # [64, 12] orthonormal
@@ -147,8 +145,8 @@ def test_data_init_keeps_latents_alive_on_low_rank_data(tmp_path):
     acts = write_acts(tmp_path / "lowrank" / "activations.safetensors", x)
     args = ["--acts", acts, "--arch", "topk", "--k", "2", "--d-sae", "128", "--tokens", 512 * 150,
             "--batch-size", "512", "--quiet"]
-    run(*args, "--out", tmp_path / "data")                       # the default for a file: --init data
-    run(*args, "--out", tmp_path / "tied", "--init", "tied")
+    run(*args, "--out", tmp_path / "data", "--init", "data")
+    run(*args, "--out", tmp_path / "tied")                       # the default: --init tied
     data, tied = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("data", "tied"))
     assert data["init"] == "data" and tied["init"] == "tied"
     assert tied["heldout"]["never_fired_frac"] > 0.3 and data["heldout"]["never_fired_frac"] < 0.5 * tied["heldout"]["never_fired_frac"]
@@ -165,7 +163,7 @@ def test_auxk_revives_relu_and_jumprelu_latents(arch, lr, gain, margin, k2, tmp_
     dead and reconstructs better (JumpReLU's revival is the weaker one: a latent must cross theta)."""
     acts, _ = k2
     args = ["--acts", acts, "--arch", arch, "--k", "2", "--expansion", "8", "--lr", lr, "--steer-gain", gain,
-            "--tokens", 512 * 400, "--batch-size", "512", "--init", "tied", "--quiet"]
+            "--tokens", 512 * 400, "--batch-size", "512", "--quiet"]
     run(*args, "--out", tmp_path / "auxk")
     run(*args, "--out", tmp_path / "plain", "--no-auxk")
     with_, without = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("auxk", "plain"))
