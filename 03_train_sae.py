@@ -27,7 +27,9 @@ Writes to --out:
 
 Several SAEs train in one pass: lists of --seed, --k, --d-sae give one SAE each (in
 OUT/seed<S>/, or OUT/k<K>_d<D>_seed<S>/), every batch read once and used by all of them; each
-starts from its own seed's init, the batch order follows the first seed.
+starts from its own seed's init, the batch order follows the first seed. The TopK family's SAEs
+of one width and k take each step together as one stacked module (lib/stacked.py, --stack):
+the same maths per SAE (its own lr and schedule), one set of ops for all.
 
 Defaults, chosen by bench/sweep_sae_recipe.py on the modular-addition data and kept sound for
 LM streams: d_sae = 8 d_in; Adam with lr 6e-4 * sqrt(16384 / d_sae) * sqrt(batch / 4096) (the lr

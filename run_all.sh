@@ -6,14 +6,14 @@
 # (03 trains an architecture's seeds in one pass) -> 04 per SAE -> 05 per architecture ->
 # results/REPORT.md, which leads with the answer.
 #
-#   bash run_all.sh                 # modadd model seed 42; sweep; 4 archs x 5 seeds at resid_post and resid_mid
+#   bash run_all.sh                 # modadd model seed 42; sweep; 4 archs x 5 seeds at resid_post
 #   SWEEP=0 bash run_all.sh         # no sweep: the study at STUDY_POST (the configuration the rule picks)
 #   QUICK=1 bash run_all.sh         # smoke run (small model, small sweep, 2 seeds x 2 archs): results/quick/
 #
 # Variables (space-separated lists):
 #   SEEDS        SAE seeds of the study                 (default "42 123 456 789 1011")
 #   ARCHS        SAE architectures of the study         (default "topk batchtopk relu jumprelu")
-#   SITES        modular-addition sites of the study    (default "resid_post resid_mid")
+#   SITES        modular-addition sites of the study    (default "resid_post"; add resid_mid for the operand site)
 #   SWEEP        1: TopK sweep at resid_post first; 0: skip it (default 1)
 #   SWEEP_K, SWEEP_D, SWEEP_SEEDS   the sweep grid (default k "1 2 3 4 8 16 32", width "128 256 512 1024", seeds "1 2")
 #   STUDY_POST, STUDY_MID  "k d_sae" at resid_post (the sweep replaces it) and resid_mid (default "2 512", "2 256")
@@ -47,12 +47,14 @@ if [[ "$QUICK" == 1 ]]; then
 fi
 SEEDS=${SEEDS:-"42 123 456 789 1011"}
 ARCHS=${ARCHS:-"topk batchtopk relu jumprelu"}
-SITES=${SITES:-"resid_post resid_mid"}
+SITES=${SITES:-"resid_post"}
 SWEEP=${SWEEP:-1}
 SWEEP_K=${SWEEP_K:-"1 2 3 4 8 16 32"}
 SWEEP_D=${SWEEP_D:-"128 256 512 1024"}
 SWEEP_SEEDS=${SWEEP_SEEDS:-"1 2"}
-SWEEP_ARGS=${SWEEP_ARGS:-""}
+# The sweep's SAEs train with 03's defaults, to their plateau or 4M rows (~3,900 steps), whichever
+# comes first: by then TopK's answer-feature recovery has stopped changing (bench/curve_recovery.py).
+SWEEP_ARGS=${SWEEP_ARGS:-"--max-tokens 4000000"}
 # The study's configuration without a sweep: what CHOOSE_RULE picks on the default model (seed 42).
 STUDY_POST=${STUDY_POST:-"2 512"}
 STUDY_MID=${STUDY_MID:-"2 256"}

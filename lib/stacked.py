@@ -1,5 +1,5 @@
-"""Several SAEs of one architecture and width trained as one: the speed path of
-`03_train_sae.py --seed 1 2 3 ...` (and of --k lists for TopK).
+"""Several SAEs of one architecture, width and k trained as one: the speed path of
+`03_train_sae.py --seed 1 2 3 ...`.
 
 S SAEs with d latents each are held as S blocks of every parameter, block axis first:
 
@@ -13,15 +13,18 @@ and every block reconstructs the same batch x [B, d_in] on its own, with sae.py'
 
 Top-k, the sparse decode and its backward (lib/kernels.py, on "virtual rows" (block s, row
 b) whose latent ids are s*d + j), AuxK, the decoder constraint and Adam then run once per
-step over all S blocks instead of once per SAE: on small SAEs a step's cost is mostly per
-op, not per FLOP (bench/bench_multi_seed.py). tests/test_stacked.py checks every loss term,
-L0, fired latents and gradient against S separate sae.SAE objects.
+step over all S blocks instead of once per SAE, so small SAEs pay the per-op cost once.
+Measured on 2 CPU cores (bench/bench_multi_seed.py): the TopK family's step gains ~1.2-1.5x
+while few latents are dead, ~1x while AuxK runs over many (its cost is FLOPs there); relu and
+jumprelu (dense) gain nothing at 1,024 latents, so 03 stacks them only with --stack on.
+tests/test_stacked.py checks every loss term, L0, fired latents and gradient against S
+separate sae.SAE objects.
 
 Training only: the SAEs are evaluated, checkpointed and saved as the sae.SAE objects they
 came from (`export_`), so files, resume and inference are what a single run has. Each block
 keeps its own learning rate (its own plateau schedule) through `StackedAdam`, which is
-torch.optim.Adam's update with one lr per block. TopK blocks may differ in k (the sweep's
-k list); the other architectures' blocks share k.
+torch.optim.Adam's update with one lr per block. The blocks share arch, width and k: 03 stacks
+the SAEs of one (width, k), which differ in seed.
 """
 from __future__ import annotations
 
@@ -61,15 +64,14 @@ class _StackedSparseEncode(torch.autograd.Function):
 
 
 class StackedSAE(nn.Module):
-    """S sae.SAE objects (same arch, d_in, d_sae; same k unless TopK) as one module, for training."""
+    """S sae.SAE objects (same arch, d_in, d_sae, k) as one module, for training."""
 
     def __init__(self, saes: list[SAE]):
         super().__init__()
         a = saes[0]
         for s in saes:
-            assert (s.arch, s.d_in, s.d_sae) == (a.arch, a.d_in, a.d_sae) and s.apply_b_dec_to_input
-            assert a.arch == "topk" or s.k == a.k
-        self.arch, self.S, self.d_sae, self.d_in, self.ks = a.arch, len(saes), a.d_sae, a.d_in, [s.k for s in saes]
+            assert (s.arch, s.d_in, s.d_sae, s.k) == (a.arch, a.d_in, a.d_sae, a.k) and s.apply_b_dec_to_input
+        self.arch, self.S, self.d_sae, self.d_in, self.k = a.arch, len(saes), a.d_sae, a.d_in, a.k
         self.k_aux, self.auxk_coeff, self.bandwidth, self.threshold_ema = a.k_aux, a.auxk_coeff, a.bandwidth, a.threshold_ema
         self.use_sparse = a.use_sparse                      # the TopK family's CPU / size rule (sae.py)
         with torch.no_grad():
@@ -130,21 +132,15 @@ class StackedSAE(nn.Module):
             extra["l0_loss"] = coeff * l0_rows.mean(0)
             l0 = l0_rows.detach().sum(0) / B
         elif self.arch == "topk":
-            kmax = max(self.ks)
             with torch.no_grad():
-                i = pre.topk(kmax, dim=-1).indices          # sorted: rank r < k_s keeps the entry
-            v = pre.gather(-1, i).relu() * self._rank_keep(kmax, pre.device).unsqueeze(1)
-            acts = torch.zeros_like(pre).scatter(-1, i, v)
+                i = pre.topk(self.k, dim=-1).indices
+            acts = torch.zeros_like(pre).scatter(-1, i, pre.gather(-1, i).relu())
         else:                                               # batchtopk: top k*B of each block's [B, d]
             with torch.no_grad():
-                v, i = pre.view(S, B * d).topk(self.ks[0] * B, dim=-1)
+                v, i = pre.view(S, B * d).topk(self.k * B, dim=-1)
                 self._min_active = torch.where(v > 0, v, torch.inf).amin(-1)
             acts = torch.zeros_like(pre).view(S, -1).scatter(1, i, pre.view(S, -1).gather(1, i).relu()).view_as(pre)
         return acts, l0, extra
-
-    def _rank_keep(self, kmax: int, device) -> torch.Tensor:
-        """[S, kmax] float: 1 where rank r < k_s (TopK blocks with different k)."""
-        return (torch.arange(kmax, device=device) < torch.tensor(self.ks, device=device).unsqueeze(1)).float()
 
     def _sparse_code(self, x):
         """The TopK-family step of lib/kernels.py on virtual rows r = s*B + b (block s, row b):
@@ -155,17 +151,12 @@ class StackedSAE(nn.Module):
             x_c = (x - self.b_dec.unsqueeze(1)).view(S * B, -1)                    # [S*B, d_in]
             pre = torch.baddbmm(self.b_enc.unsqueeze(1), x_c.view(S, B, -1), self.W_enc)
             if self.arch == "topk":
-                kmax = max(self.ks)
-                if min(self.ks) == kmax:
-                    v, i = topk_relu(pre.view(S * B, d), kmax)
-                    v = v.reshape(-1)
-                else:
-                    v, i = pre.view(S * B, d).topk(kmax, dim=-1)
-                    v = (v.relu().view(S, B, kmax) * self._rank_keep(kmax, x.device).unsqueeze(1)).reshape(-1)
+                v, i = topk_relu(pre.view(S * B, d), self.k)
+                v = v.reshape(-1)
                 base = torch.arange(S, device=x.device).repeat_interleave(B).unsqueeze(1) * d
                 pat = SparsePattern.from_topk(i + base, S * d)
             else:                                           # batchtopk: top k*B of each block's [B, d]
-                v, flat = topk_relu(pre.view(S, B * d), self.ks[0] * B)                  # flat = b*d + j
+                v, flat = topk_relu(pre.view(S, B * d), self.k * B)                     # flat = b*d + j
                 self._min_active = torch.where(v > 0, v, torch.inf).amin(-1)
                 s = torch.arange(S, device=x.device).unsqueeze(1)
                 glob, order = ((s * B + flat // d) * (S * d) + s * d + flat % d).view(-1).sort()

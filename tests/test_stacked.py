@@ -26,7 +26,7 @@ def make(arch, ks, sparse, seed0=0):
     return saes
 
 
-CASES = [("topk", [3, 3, 3], True), ("topk", [1, 3, 5], True), ("topk", [2, 4], False),
+CASES = [("topk", [3, 3, 3], True), ("topk", [2, 2], False),
          ("batchtopk", [3, 3], True), ("batchtopk", [3, 3, 3], False), ("relu", [3, 3], None),
          ("jumprelu", [3, 3, 3], None)]
 
