@@ -16,7 +16,7 @@
 #   SITES        modular-addition sites of the study    (default "resid_post"; add resid_mid for the operand site)
 #   SWEEP        1: TopK sweep at resid_post first; 0: skip it (default 1)
 #   SWEEP_K, SWEEP_D, SWEEP_SEEDS   the sweep grid (default k "1 2 3 4 8 16 32", width "128 256 512 1024", seeds "1 2")
-#   STUDY_POST, STUDY_MID  "k d_sae" at resid_post (the sweep replaces it) and resid_mid (default "2 512", "2 256")
+#   STUDY_POST, STUDY_MID  "k d_sae" at resid_post (the sweep replaces it) and resid_mid (default "2 256", "2 256")
 #   TARGETS      what the SAEs read: modadd, smollm2, gpt2 (default "modadd")
 #   MODEL_SEEDS  modular-addition model seeds           (default "42")
 #   JOBS         processes side by side, each with cores/JOBS torch threads (default 2)
@@ -56,7 +56,7 @@ SWEEP_SEEDS=${SWEEP_SEEDS:-"1 2"}
 # comes first: by then TopK's answer-feature recovery has stopped changing (bench/curve_recovery.py).
 SWEEP_ARGS=${SWEEP_ARGS:-"--max-tokens 4000000"}
 # The study's configuration without a sweep: what CHOOSE_RULE picks on the default model (seed 42).
-STUDY_POST=${STUDY_POST:-"2 512"}
+STUDY_POST=${STUDY_POST:-"2 256"}
 STUDY_MID=${STUDY_MID:-"2 256"}
 TARGETS=${TARGETS:-"modadd"}
 MODEL_SEEDS=${MODEL_SEEDS:-"42"}

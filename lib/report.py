@@ -22,8 +22,10 @@ from lib.common import ArgumentParser, check, load_json, run_main, save_figure
 
 ARCH_ORDER = ["topk", "batchtopk", "relu", "jumprelu"]
 GOAL_EACH, GOAL_EVERY = 0.95, 0.90           # issue "The study answers its question": answer features
-CHOOSE_RULE = ("the sweep cell whose TopK SAEs recover the most answer features with every seed (ties, within one "
-               "feature: fewer latents, then smaller k)")
+CHOOSE_RULE = ("among the sweep cells whose TopK SAEs leave at most 10% of their latents dead on every seed "
+               "(all cells if none do), the one that recovers the most answer features with every seed (ties: "
+               "fewer latents, then smaller k)")
+CHOOSE_MAX_DEAD = 0.10      # the goal of "Every architecture trained right": a mostly dead dictionary is not a study
 
 
 def parse_args(argv=None):
@@ -303,6 +305,10 @@ def choose(evals: list, overlaps: list) -> tuple[int, int, float]:
     es = [e for e in evals if e["sae"]["arch"] == "topk"]
     check(bool(es), "no TopK sweep results to choose from")
     _, rows = answer_rows(es, overlaps)
+    dead = {}
+    for e in es:
+        key = (e["sae"]["k"], e["sae"]["d_sae"])
+        dead[key] = max(dead.get(key, 0.0), get(e, "sparsity", "dead_fraction_all_rows", default=0.0))
     scored = []
     for (arch, k, d_sae), r in rows.items():
         x = r["features"].get("answer", {})
@@ -310,8 +316,9 @@ def choose(evals: list, overlaps: list) -> tuple[int, int, float]:
         if every != every:                                  # one seed only: its own recovery
             every = min(x.get("each", [0.0]) or [0.0])
         n = x.get("n_features") or 113
-        scored.append((round(every * n), -d_sae, -k, every, k, d_sae))
-    best = max(scored)
+        scored.append((dead[(k, d_sae)] <= CHOOSE_MAX_DEAD, round(every * n), -d_sae, -k, every, k, d_sae))
+    allowed = [c for c in scored if c[0]] or scored
+    best = max(c[1:] for c in allowed)
     return best[4], best[5], best[3]
 
 

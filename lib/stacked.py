@@ -33,23 +33,17 @@ import math
 import torch
 import torch.nn as nn
 
-from lib.kernels import SparsePattern, _SparseDecode, topk_relu
+from lib.kernels import SparsePattern, _SparseDecode, _SparseEncode, topk_relu
 from sae import SAE, JumpReLU, SAEOutput
 
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-class _StackedSparseEncode(torch.autograd.Function):
-    """vals = pre at the active (virtual row, latent) pairs, pre computed beforehand without
-    grad: kernels._SparseEncode per block. With G the sparse [S*B, S*d] matrix of d loss / d vals
-    and x_c[s*B + b] = x[b] - b_dec[s]: dW_enc[s] = (G^T x_c)[s]^T, db_enc = column sums of G,
-    db_dec[s] = -W_enc[s] db_enc[s]."""
-
-    @staticmethod
-    def forward(ctx, vals, x_c, W_enc, b_enc, b_dec, pat):
-        ctx.save_for_backward(x_c, W_enc)
-        ctx.pat = pat
-        return vals.clone()
+class _StackedSparseEncode(_SparseEncode):
+    """kernels._SparseEncode per block (same forward): vals = pre at the active (virtual row,
+    latent) pairs, pre computed beforehand without grad. With G the sparse [S*B, S*d] matrix of
+    d loss / d vals and x_c[s*B + b] = x[b] - b_dec[s]: dW_enc[s] = (G^T x_c)[s]^T,
+    db_enc = column sums of G, db_dec[s] = -W_enc[s] db_enc[s]."""
 
     @staticmethod
     def backward(ctx, g):
@@ -184,28 +178,21 @@ class StackedSAE(nn.Module):
         return torch.bmm(torch.zeros_like(pre).scatter(-1, i, v), self.W_dec)
 
     def _sparse_auxk(self, pre, x, dead_mask):
-        """The TopK family's AuxK over the sub-dictionary of dead latents (kernels.sparse_auxk_e_hat):
-        each block's dead latents gathered (padded to the most any block has), the k_aux largest
-        of each row kept, then encoded and decoded with one batched matmul each."""
+        """The TopK family's AuxK (kernels.sparse_auxk_e_hat) on virtual rows: the k_aux largest
+        dead pre-activations of each (block, row), encoded and decoded by the same sparse kernels
+        as the main code, so AuxK touches k_aux latents per row, not every dead one."""
         S, B, d = pre.shape
         with torch.no_grad():
-            n_dead = dead_mask.sum(1)
-            n = int(n_dead.max())
-            k_aux = min(self.k_aux, n)
+            k_aux = min(self.k_aux, int(dead_mask.sum(1).max()))
             if k_aux == 0:
                 return None
-            idx = torch.argsort((~dead_mask).to(torch.int8), dim=1, stable=True)[:, :n]    # dead ids first
-            valid = (torch.arange(n, device=pre.device) < n_dead.unsqueeze(1)).unsqueeze(1).to(pre.dtype)  # [S, 1, n]
-            keep = valid
-            if k_aux < n:                    # the k_aux most active dead latents of each (block, row)
-                sub = pre.gather(2, idx.unsqueeze(1).expand(S, B, n)).relu_().mul_(valid)
-                _, top = topk_relu(sub.view(S * B, n), k_aux)
-                keep = torch.zeros(S * B, n, dtype=pre.dtype, device=pre.device).scatter_(1, top, 1.0)
-                keep = keep.view(S, B, n).mul_(valid)
-        W_enc = self.W_enc.gather(2, idx.unsqueeze(1).expand(S, self.d_in, n))                  # [S, d_in, n]
-        pre_sub = torch.baddbmm(self.b_enc.gather(1, idx).unsqueeze(1), x - self.b_dec.unsqueeze(1), W_enc)
-        aux = pre_sub.relu() * keep
-        return torch.bmm(aux, self.W_dec.gather(1, idx.unsqueeze(2).expand(S, n, self.d_in)))
+            live = torch.zeros(S, 1, d, dtype=pre.dtype, device=pre.device).masked_fill_(~dead_mask.unsqueeze(1), -torch.inf)
+            v, i = topk_relu((pre + live).view(S * B, d), k_aux)     # a block with fewer dead: zeros
+            base = torch.arange(S, device=x.device).repeat_interleave(B).unsqueeze(1) * d
+            pat = SparsePattern.from_topk(i + base, S * d)
+            x_c = (x - self.b_dec.unsqueeze(1)).view(S * B, -1)
+        vals = _StackedSparseEncode.apply(v.reshape(-1), x_c, self.W_enc, self.b_enc, self.b_dec, pat).relu()
+        return _SparseDecode.apply(vals, self.W_dec.view(S * d, -1), pat).view(S, B, -1)
 
     def _auxk_loss(self, x, x_hat, e_hat, dead_mask, all_reduce):
         """Per block |e - e_hat|^2 / |e - mean(e)|^2 (sae.SAE._auxk_loss); 0 where nothing is dead."""

@@ -72,6 +72,28 @@ def test_seed_agreement_from_evals_is_what_05_would_report():
     assert all(v != v for v in agreement_from_evals(group[:1], "answer"))    # one seed: no agreement
 
 
+def test_choose_rule_prefers_the_most_recovery_among_mostly_live_dictionaries():
+    """CHOOSE_RULE: most answer features by every seed among cells with <= 10% dead latents;
+    a wider cell that recovers two more features with 84% of its latents dead is passed over,
+    unless every cell is mostly dead."""
+    from lib.report import choose
+
+    def cell(k, d_sae, answer, dead):
+        out = []
+        for seed in (1, 2):
+            e = fake_eval("topk", seed, 0.9, k, answer, sweep_k=k)
+            e["sae"].update(d_sae=d_sae, path=f"x/topk/{seed}/{k}_{d_sae}")
+            e["sparsity"]["dead_fraction_all_rows"] = dead
+            out.append(e)
+        return out
+
+    evals = cell(2, 256, 107 / 113, 0.0) + cell(2, 1024, 109 / 113, 0.84) + cell(3, 256, 0.8, 0.0) + cell(2, 512, 107 / 113, 0.05)
+    assert choose(evals, [])[:2] == (2, 256)                    # 512 ties with 256: fewer latents win
+    for e in evals:
+        e["sparsity"]["dead_fraction_all_rows"] = 0.5
+    assert choose(evals, [])[:2] == (2, 1024)                   # none is mostly live: all cells compete
+
+
 def fake_overlap(arch, seeds, every, sweep_k=None):
     return {"saes": [{"arch": arch, "seed": s, "path": f"x/{arch}/{s}/{sweep_k}"} for s in seeds], "acts": "a.safetensors",
             "summary": {"pw_mcc": {"mean": 0.7, "std": 0.0, "n": 1}}, "baseline_isotropic": {"pw_mcc": {"mean": 0.3}},
