@@ -178,18 +178,29 @@ class StackedSAE(nn.Module):
         return torch.bmm(torch.zeros_like(pre).scatter(-1, i, v), self.W_dec)
 
     def _sparse_auxk(self, pre, x, dead_mask):
-        """The TopK family's AuxK (kernels.sparse_auxk_e_hat) on virtual rows: the k_aux largest
-        dead pre-activations of each (block, row), encoded and decoded by the same sparse kernels
-        as the main code, so AuxK touches k_aux latents per row, not every dead one."""
+        """The TopK family's AuxK (kernels.sparse_auxk_e_hat) on virtual rows: each block's dead
+        latents gathered (padded with zeros to the most any block has), the k_aux largest of each
+        (block, row) kept, then encoded and decoded by the sparse kernels of the main code, so
+        AuxK touches k_aux latents per row, not every dead one; where k_aux covers them all, as
+        dense batched matmuls over the dead sub-dictionary (fewer ops)."""
         S, B, d = pre.shape
         with torch.no_grad():
-            k_aux = min(self.k_aux, int(dead_mask.sum(1).max()))
+            n_dead = dead_mask.sum(1)
+            n = int(n_dead.max())
+            k_aux = min(self.k_aux, n)
             if k_aux == 0:
                 return None
-            live = torch.zeros(S, 1, d, dtype=pre.dtype, device=pre.device).masked_fill_(~dead_mask.unsqueeze(1), -torch.inf)
-            v, i = topk_relu((pre + live).view(S * B, d), k_aux)     # a block with fewer dead: zeros
-            base = torch.arange(S, device=x.device).repeat_interleave(B).unsqueeze(1) * d
-            pat = SparsePattern.from_topk(i + base, S * d)
+            idx = torch.argsort((~dead_mask).to(torch.int8), dim=1, stable=True)[:, :n]    # dead ids first
+            valid = (torch.arange(n, device=pre.device) < n_dead.unsqueeze(1)).unsqueeze(1).to(pre.dtype)  # [S, 1, n]
+        if k_aux == n:                       # every dead latent in every row: the dense sub-dictionary
+            W_enc = self.W_enc.gather(2, idx.unsqueeze(1).expand(S, self.d_in, n))              # [S, d_in, n]
+            pre_sub = torch.baddbmm(self.b_enc.gather(1, idx).unsqueeze(1), x - self.b_dec.unsqueeze(1), W_enc)
+            return torch.bmm(pre_sub.relu() * valid, self.W_dec.gather(1, idx.unsqueeze(2).expand(S, n, self.d_in)))
+        with torch.no_grad():                # the k_aux most active dead latents of each (block, row)
+            sub = pre.gather(2, idx.unsqueeze(1).expand(S, B, n)).relu_().mul_(valid).view(S * B, n)
+            v, top = topk_relu(sub, k_aux)
+            ids = (idx + torch.arange(S, device=pre.device).unsqueeze(1) * d).repeat_interleave(B, 0).gather(1, top)
+            pat = SparsePattern.from_topk(ids, S * d)
             x_c = (x - self.b_dec.unsqueeze(1)).view(S * B, -1)
         vals = _StackedSparseEncode.apply(v.reshape(-1), x_c, self.W_enc, self.b_enc, self.b_dec, pat).relu()
         return _SparseDecode.apply(vals, self.W_dec.view(S * d, -1), pat).view(S, B, -1)
