@@ -138,7 +138,7 @@ overlap() {    # args: out_dir sae_dir...
 # eval files (lib/report.py), so the sweep needs no 05.
 sweep() {      # args: acts sae_root results_root
     local acts=$1 root=$2 res=$3 d k s pairs
-    for d in $SWEEP_D; do
+    for d in $(printf '%s\n' $SWEEP_D | sort -rn); do     # widest (slowest) first: the others fill the other slot
         log "03 sweep: topk, width $d, k $SWEEP_K, seeds $SWEEP_SEEDS"
         # shellcheck disable=SC2086
         job train_saes "$acts" "$root/d$d" topk "$SWEEP_SEEDS" --k $SWEEP_K --d-sae "$d" $SWEEP_ARGS
