@@ -32,7 +32,7 @@ CASES = [("topk", [3, 3, 3], True), ("topk", [2, 2], False),
 
 
 @pytest.mark.parametrize("arch,ks,sparse", CASES)
-@pytest.mark.parametrize("with_dead", [None, "many", "few"])
+@pytest.mark.parametrize("with_dead", [None, "few", "some", "most"])
 def test_stack_equals_its_saes_in_values_and_gradients(arch, ks, sparse, with_dead):
     torch.manual_seed(0)
     x = torch.randn(B, D) + 0.5
@@ -40,10 +40,10 @@ def test_stack_equals_its_saes_in_values_and_gradients(arch, ks, sparse, with_de
     stack = StackedSAE(saes)
     S = len(saes)
     dead = None
-    if with_dead:                                  # block s: the first 5 + 3s (few: 2 + s <= k_aux) are dead
+    if with_dead:          # block s: the first 2 + s (<= k_aux), 5 + 3s or 30 + 3s (> 4 k_aux: sparse AuxK) are dead
         dead = torch.zeros(S, DSAE, dtype=torch.bool)
         for s in range(S):
-            dead[s, : (5 + 3 * s) if with_dead == "many" else (2 + s)] = True
+            dead[s, : {"few": 2 + s, "some": 5 + 3 * s, "most": 30 + 3 * s}[with_dead]] = True
         if S > 1:
             dead[1] = False                        # a block with nothing dead: its AuxK term is 0
     coeff = torch.tensor([0.01 * (s + 1) for s in range(S)]) if arch in ("relu", "jumprelu") else None
