@@ -6,7 +6,7 @@
 Runs 03 with its defaults (the plateau schedule, capped at --steps steps) in pieces of --every
 steps (--stop-after-steps, then --resume: the same run as an unbroken one, bit for bit) and after
 each piece scores every seed's decoder rows, read from the checkpoint, against the site's answer
-features (lib/ground_truth.py: recovered = some decoder row at cos > 0.9). Prints one line per
+features (lib/ground_truth.py: recovered = some decoder row at cos > RECOVERY_COS, 0.9). Prints one line per
 piece: per-seed recovery, the lowest seed, the share every seed recovers, the held-out EV 03 logged.
 """
 from __future__ import annotations
@@ -57,17 +57,18 @@ def main():
             raise SystemExit(p.stderr[-800:])
         first = False
         dirs = [a.out / f"seed{s}" for s in a.seeds] if len(a.seeds) > 1 else [a.out]
-        recs, hits, evs, done = [], [], [], True
+        recs, hits, evs, steps, done = [], [], [], [], True
         for d in dirs:
             ckpt = load_tensors(d / "checkpoint.safetensors", what="checkpoint")
             best, _ = M.best_feature_match(G.ground_truth_features(gt)["answer"], ckpt["sae.W_dec"].double())
-            hits.append(best > 0.9)
+            hits.append(best > G.RECOVERY_COS)
             recs.append(float(hits[-1].double().mean()))
-            lines = (d / "metrics.jsonl").read_text().splitlines()
-            last = [json.loads(ln) for ln in lines if "heldout_ev" in ln]
+            records = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+            last = [r for r in records if "heldout_ev" in r]
             evs.append(last[-1]["heldout_ev"] if last else float("nan"))
+            steps.append(records[-1]["step"])
             done &= (d / "summary.json").is_file()
-        step = max(json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])["step"] for d in dirs)
+        step = max(steps)
         every = float(torch.stack(hits).all(0).double().mean())
         print(f"{step:6d} {' '.join(f'{100 * r:5.1f}' for r in recs):40s} {100 * min(recs):6.1f} {100 * every:6.1f} "
               f"{sum(evs) / len(evs):7.4f} {time.perf_counter() - t0:6.0f}", flush=True)

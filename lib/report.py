@@ -305,10 +305,6 @@ def choose(evals: list, overlaps: list) -> tuple[int, int, float]:
     es = [e for e in evals if e["sae"]["arch"] == "topk"]
     check(bool(es), "no TopK sweep results to choose from")
     _, rows = answer_rows(es, overlaps)
-    dead = {}
-    for e in es:
-        key = (e["sae"]["k"], e["sae"]["d_sae"])
-        dead[key] = max(dead.get(key, 0.0), get(e, "sparsity", "dead_fraction_all_rows", default=0.0))
     scored = []
     for (arch, k, d_sae), r in rows.items():
         x = r["features"].get("answer", {})
@@ -316,7 +312,8 @@ def choose(evals: list, overlaps: list) -> tuple[int, int, float]:
         if every != every:                                  # one seed only: its own recovery
             every = min(x.get("each", [0.0]) or [0.0])
         n = x.get("n_features") or 113
-        scored.append((dead[(k, d_sae)] <= CHOOSE_MAX_DEAD, round(every * n), -d_sae, -k, every, k, d_sae))
+        dead = max((v for v in r["dead"] if v == v), default=0.0)           # the worst seed's
+        scored.append((dead <= CHOOSE_MAX_DEAD, round(every * n), -d_sae, -k, every, k, d_sae))
     allowed = [c for c in scored if c[0]] or scored
     best = max(c[1:] for c in allowed)
     return best[4], best[5], best[3]

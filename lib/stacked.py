@@ -15,8 +15,9 @@ Top-k, the sparse decode and its backward (lib/kernels.py, on "virtual rows" (bl
 b) whose latent ids are s*d + j), AuxK, the decoder constraint and Adam then run once per
 step over all S blocks instead of once per SAE, so small SAEs pay the per-op cost once.
 Measured on 2 CPU cores (bench/bench_multi_seed.py): the TopK family's step gains ~1.2-1.5x
-while few latents are dead, ~1x while AuxK runs over many (its cost is FLOPs there); relu and
-jumprelu (dense) gain nothing at 1,024 latents, so 03 stacks them only with --stack on.
+while few latents are dead; AuxK over many dead latents runs on the same sparse kernels
+(_sparse_auxk); relu and jumprelu (dense) gain nothing at 1,024 latents, so 03 stacks them
+only with --stack on.
 tests/test_stacked.py checks every loss term, L0, fired latents and gradient against S
 separate sae.SAE objects.
 
