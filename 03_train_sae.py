@@ -230,7 +230,10 @@ class Schedule:
         improving (`update`, every --eval-every steps): the best held-out FVU of the last W
         evaluations beats the best before them by less than max(tol * best_before, 0.001), the
         dead fraction fell by less than 0.5 points over those W evaluations, and (relu, jumprelu)
-        the held-out L0 is within 10% of k. Then lr decays linearly to 0 over decay_frac of the
+        the held-out L0 is within 10% of k. For relu and jumprelu only the evaluations since L0
+        last came within 10% of k count: before that the code is denser than the target and its
+        FVU lower than any sparse code's, so comparing against it would call the first sparse
+        evaluations a plateau and stop a run that has only just reached its sparsity. Then lr decays linearly to 0 over decay_frac of the
         steps done so far and the run stops: the decay is what a converged run needs last, not a
         fixed share of a guessed length. If the cap (max steps) comes first, the decay starts in
         time to end there. `reason` says which, for summary.json."""
@@ -240,6 +243,7 @@ class Schedule:
         self.lr0, self.max_steps, self.warmup, self.decay_frac, self.fixed = lr, max_steps, warmup, decay_frac, fixed
         self.window, self.tol = window, tol
         self.fvu, self.dead = [], []
+        self.since = 0                  # evaluations before this index had L0 away from k
         self.decay_start, self.end, self.reason = None, max_steps, None
         if fixed:
             self.decay_start, self.reason = max_steps - int(decay_frac * max_steps), "fixed length (--tokens)"
@@ -259,12 +263,14 @@ class Schedule:
             return
         self.fvu.append(fvu)
         self.dead.append(dead_frac)
-        W = self.window
-        if len(self.fvu) >= 2 * W:
-            before, recent = min(self.fvu[:-W]), min(self.fvu[-W:])
+        if not l0_ok:
+            self.since = len(self.fvu)
+        W, fvu_ok = self.window, self.fvu[self.since:]
+        if len(fvu_ok) >= 2 * W:
+            before, recent = min(fvu_ok[:-W]), min(fvu_ok[-W:])
             flat = before - recent < max(self.tol * before, 1e-3)
             revived = self.dead[-1] < self.dead[-1 - W] - 0.005
-            if flat and not revived and l0_ok:
+            if flat and not revived:
                 self.decay_start = done
                 self.end = min(self.max_steps, done + max(1, int(self.decay_frac * done)))
                 self.reason = f"held-out loss plateau at step {done}"
@@ -274,11 +280,11 @@ class Schedule:
             self.decay_start, self.reason = done, "maximum length (--max-tokens) reached before a plateau"
 
     def state(self) -> dict:
-        return {"fvu": self.fvu, "dead": self.dead, "decay_start": self.decay_start, "end": self.end,
-                "reason": self.reason}
+        return {"fvu": self.fvu, "dead": self.dead, "since": self.since, "decay_start": self.decay_start,
+                "end": self.end, "reason": self.reason}
 
     def load(self, st: dict) -> None:
-        self.fvu, self.dead = list(st["fvu"]), list(st["dead"])
+        self.fvu, self.dead, self.since = list(st["fvu"]), list(st["dead"]), int(st.get("since", 0))
         self.decay_start, self.end, self.reason = st["decay_start"], st["end"], st["reason"]
 
 

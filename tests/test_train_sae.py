@@ -197,6 +197,20 @@ def test_schedule_stops_a_converged_run_and_not_a_falling_one():
     for i in range(1, 30):
         steering.update(100 * i, 0.05, 0.0, False)                     # L0 not yet near k
     assert steering.decay_start is None
+    # relu / jumprelu: a dense start has the lowest FVU of the run; once L0 reaches k the FVU is
+    # higher but falls. Only evaluations since L0 reached k count, so the run goes on while it
+    # falls and stops 2W flat evaluations after it stopped falling.
+    sparsifying = sched(1e-3, 100_000, 100, 0.2, fixed=False, window=10, tol=0.02)
+    for i in range(1, 11):
+        sparsifying.update(100 * i, 0.001, 0.0, False)                  # dense: FVU 0.001, L0 >> k
+    fvu = 0.5
+    for i in range(11, 41):
+        fvu *= 0.95
+        sparsifying.update(100 * i, fvu, 0.0, True)                     # sparse and still improving
+    assert sparsifying.decay_start is None
+    for i in range(41, 61):
+        sparsifying.update(100 * i, fvu, 0.0, True)                     # sparse and flat
+    assert sparsifying.decay_start == 5000 and "plateau at step 5000" in sparsifying.reason
 
 
 def test_default_run_stops_at_its_plateau_and_says_why(k2, tmp_path):
