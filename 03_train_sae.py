@@ -79,6 +79,7 @@ OUTPUTS = ("sae_weights.safetensors", "cfg.json", "metrics.jsonl", CKPT, FINAL)
 RESUME_FREE = {"acts", "out", "resume", "overwrite", "quiet", "wandb", "stop_after_steps", "threads",
                "device", "log_every", "ckpt_every", "buffer_rows"}
 DEFAULT_MAX_TOKENS = 24_000_000      # the plateau schedule's cap on an in-memory data set
+PRE_ACT_COEFF = 1e-3                 # jumprelu's pre-activation loss (inputs at unit mean squared norm)
 
 
 def get_args(argv=None):
@@ -138,7 +139,10 @@ def get_args(argv=None):
     p.add_argument("--init-threshold", type=float, default=1e-3, help="jumprelu: initial theta")
     p.add_argument("--k-aux", type=int, default=None, help="AuxK latents (default d_in/2)")
     p.add_argument("--auxk-coeff", type=float, default=1 / 32)
-    p.add_argument("--no-auxk", action="store_true", help="no AuxK loss (the dead-latent remedy of every arch)")
+    p.add_argument("--no-auxk", action="store_true", help="no dead-latent remedy: no AuxK loss (every arch), no pre-activation loss (jumprelu)")
+    p.add_argument("--pre-act-coeff", type=float, default=None,
+                   help="jumprelu: coefficient of the pre-activation loss on dead latents (Anthropic, Jan 2025; "
+                        "default PRE_ACT_COEFF, 0 = off)")
     p.add_argument("--dead-tokens", type=int, default=None,
                    help="a latent is dead after this many tokens without firing (default min(10M, train rows))")
     p.add_argument("--log-every", type=int, default=50)
@@ -180,7 +184,7 @@ def get_args(argv=None):
     check(0 <= args.warmup_frac < 1 and 0 <= args.decay_frac <= 1 and args.warmup_frac + args.decay_frac <= 1,
           "--warmup-frac and --decay-frac must lie in [0, 1] and sum to at most 1")
     check(0 <= args.l1_warmup_frac <= 1, "--l1-warmup-frac must lie in [0, 1]")
-    for name in ("l1_coeff", "l0_coeff"):
+    for name in ("l1_coeff", "l0_coeff", "pre_act_coeff"):
         v = getattr(args, name)
         check(v is None or v >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {v})")
     check(args.bandwidth > 0 and args.init_threshold >= 0, "--bandwidth must be > 0 and --init-threshold >= 0")
@@ -522,7 +526,9 @@ def default_lr(d_sae: int, batch_size: int) -> float:
 def build_run(run: Run, args, x_train: torch.Tensor, dev, dist: Dist, max_steps: int, init: str) -> None:
     """The SAE (initialised from its own seed: the same init as a run of its own), Adam, state."""
     gen = seed_everything(run.seed)
+    pre_act = PRE_ACT_COEFF if args.pre_act_coeff is None else args.pre_act_coeff
     run.sae = SAE(x_train.shape[1], run.d_sae, args.arch, run.k, k_aux=args.k_aux, auxk_coeff=args.auxk_coeff,
+                  pre_act_coeff=pre_act if args.arch == "jumprelu" else 0.0,
                   l1_coeff=args.l1_coeff or 0.0, l0_coeff=args.l0_coeff or 0.0, bandwidth=args.bandwidth,
                   init_threshold=args.init_threshold, init="orthogonal" if init == "orthogonal" else "tied",
                   generator=gen)

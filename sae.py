@@ -31,6 +31,9 @@ and every architecture adds (1/32) * AuxK while some latents are dead (below).
     dead ReLU latent has pre <= 0 on every row, so only the raw value gives it a gradient
     toward the residual (the dead-latent remedy measured best here: bench/sweep_sae_recipe.py;
     Bricken et al. 2023's resampling, also tried, revived fewer and cost reconstruction).
+  * JumpReLU's pre-activation loss on dead latents: pre_act_coeff * sum_i ReLU(theta_i - pre_i)
+    (times |W_dec_i| = 1), which lifts a dead latent's pre-activations toward its threshold
+    until it fires again                          Anthropic's January 2025 update; SAELens
   * BatchTopK's inference threshold: EMA of the smallest kept activation, so that one
     row's code does not depend on the rest of its batch         Bussmann et al. 2024
   * JumpReLU's straight-through pseudo-gradients, rectangle kernel of width eps; theta is
@@ -136,13 +139,14 @@ class SAE(nn.Module):
     lambda of the relu / jumprelu loss for inputs at unit mean squared norm (the trainer
     schedules it and passes `sparsity_coeff`).
     k_aux (default d_in // 2) and auxk_coeff (1/32): AuxK, Gao et al. 2024.
+    pre_act_coeff: jumprelu's pre-activation loss on dead latents (0 = off).
     bandwidth eps and init_threshold: JumpReLU, defaults 0.001 as in Rajamanoharan et al.
     2024 for inputs scaled to unit mean squared norm. threshold_ema: BatchTopK's EMA rate.
     """
     normalize_activations = "none"      # ours fold any input scale into the weights
 
     def __init__(self, d_in: int, d_sae: int, arch: str = "topk", k: int | None = None, *,
-                 k_aux: int | None = None, auxk_coeff: float = 1 / 32,
+                 k_aux: int | None = None, auxk_coeff: float = 1 / 32, pre_act_coeff: float = 0.0,
                  l1_coeff: float = 0.05, l0_coeff: float = 1e-3,
                  bandwidth: float = 1e-3, init_threshold: float = 1e-3, threshold_ema: float = 0.01,
                  init: str = "tied", apply_b_dec_to_input: bool = True, sparse: bool | None = None,
@@ -162,6 +166,7 @@ class SAE(nn.Module):
         self.d_in, self.d_sae, self.arch, self.k = d_in, d_sae, arch, k
         self.k_aux = d_in // 2 if k_aux is None else k_aux
         self.auxk_coeff, self.l1_coeff, self.l0_coeff = auxk_coeff, l1_coeff, l0_coeff
+        self.pre_act_coeff = pre_act_coeff
         self.bandwidth, self.threshold_ema = bandwidth, threshold_ema
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.sparse = sparse            # None: decided per batch by use_sparse()
@@ -302,6 +307,8 @@ class SAE(nn.Module):
             e = (x - out.x_hat).detach()
             aux = self._auxk_loss(e, e_hat, all_reduce) if e_hat is not None else out.x_hat.new_zeros(())
             losses["auxk_loss"] = self.auxk_coeff * aux
+            if self.arch == "jumprelu" and self.pre_act_coeff:
+                losses["pre_act_loss"] = self.pre_act_coeff * self._pre_act_loss(pre, dead_mask)
         out.losses, out.loss = losses, sum(losses.values())
         return out
 
@@ -364,6 +371,11 @@ class SAE(nn.Module):
         v = pre.gather(-1, i)
         aux = torch.zeros_like(pre).scatter(-1, i, v.relu() if self.arch in ("topk", "batchtopk") else v)
         return aux @ self.W_dec
+
+    def _pre_act_loss(self, pre, dead_mask):
+        """sum over dead latents of ReLU(theta - pre), averaged over rows: zero once a latent
+        fires, a push up on its encoder bias and direction until it does (Anthropic, Jan 2025)."""
+        return ((self.threshold - pre).relu() * dead_mask).sum(-1).mean()
 
     def _auxk_loss(self, e, e_hat, all_reduce):
         """|e - e_hat|^2 / |e - mean(e)|^2 averaged over rows: normalised by the variance of

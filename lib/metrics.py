@@ -21,6 +21,17 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return float(1.0 - resid / total.clamp_min(1e-30))
 
 
+def refit_explained_variance(x: torch.Tensor, acts: torch.Tensor) -> float:
+    """EV of the best affine decoder of x from the code: x_hat = acts @ W + b, W and b by least
+    squares over these rows. A diagnostic of shrinkage (Wright & Sharkey 2024): an L1 penalty
+    pulls every active value toward 0, which a refit undoes, while a code that chose the wrong
+    latents stays poor. The gap to the SAE's own EV is what its magnitudes, not its choices, cost."""
+    x, a = x.double(), acts.double()
+    design = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype, device=a.device)], 1)
+    coef = torch.linalg.lstsq(design, x, driver="gelsd" if x.device.type == "cpu" else None).solution
+    return explained_variance(x, design @ coef)
+
+
 def l0(acts: torch.Tensor) -> float:
     """Mean number of non-zero latents per row."""
     return float((acts != 0).sum(-1).double().mean())

@@ -68,6 +68,7 @@ class StackedSAE(nn.Module):
             assert (s.arch, s.d_in, s.d_sae, s.k) == (a.arch, a.d_in, a.d_sae, a.k) and s.apply_b_dec_to_input
         self.arch, self.S, self.d_sae, self.d_in, self.k = a.arch, len(saes), a.d_sae, a.d_in, a.k
         self.k_aux, self.auxk_coeff, self.bandwidth, self.threshold_ema = a.k_aux, a.auxk_coeff, a.bandwidth, a.threshold_ema
+        self.pre_act_coeff = a.pre_act_coeff
         self.use_sparse = a.use_sparse                      # the TopK family's CPU / size rule (sae.py)
         with torch.no_grad():
             for n in NAMES:
@@ -105,6 +106,9 @@ class StackedSAE(nn.Module):
         losses = {"mse": (x_hat - x).pow(2).sum(-1).mean(1), **losses}
         if dead_mask is not None:
             losses["auxk_loss"] = self.auxk_coeff * self._auxk_loss(x, x_hat, e_hat, dead_mask, all_reduce)
+            if self.arch == "jumprelu" and self.pre_act_coeff:       # sae.SAE._pre_act_loss per block
+                gap = (self.threshold.unsqueeze(1) - pre).relu() * dead_mask.unsqueeze(1)
+                losses["pre_act_loss"] = self.pre_act_coeff * gap.sum(-1).mean(1)
         total = sum(v.sum() for v in losses.values())
         outs = []
         for s in range(S):

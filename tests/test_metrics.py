@@ -33,6 +33,21 @@ def test_reconstruction_metrics_known_values():
     assert pooled > 1 - 1 / 16 + 0.05    # the per-dimension mean would be exactly 1 - 1/16
 
 
+def test_refit_ev_undoes_shrinkage_and_not_wrong_choices():
+    """x = f @ D + b exactly, f sparse and non-negative. A code shrunk by a constant (every active
+    value minus 40%, as an L1 penalty does) decodes through D to EV < 1, yet its refit EV is 1:
+    the choices were right. A code with the right magnitudes on the wrong latents refits poorly."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.rand(2000, 40, generator=g) * (torch.rand(2000, 40, generator=g) < 0.1)
+    D, b = torch.randn(40, 16, generator=g), torch.randn(16, generator=g)
+    x = f @ D + b
+    shrunk = 0.6 * f
+    assert M.explained_variance(x, shrunk @ D + b) < 0.9
+    assert M.refit_explained_variance(x, shrunk) == pytest.approx(1.0, abs=1e-9)
+    wrong = f[torch.randperm(2000, generator=g)]              # each row's code is another row's
+    assert M.refit_explained_variance(x, wrong) < 0.1
+
+
 def test_sparsity_metrics():
     acts = torch.zeros(10, 4)
     acts[:, 0] = 1.0           # dense: fires on every row

@@ -1,6 +1,6 @@
 """lib/stacked.py: S SAEs stacked into one module are, block for block, the S sae.SAE objects
 they came from: the same loss terms, L0, fired latents and gradients, on the sparse and the
-plain path, with AuxK; StackedAdam is torch.optim.Adam with a learning rate per block."""
+plain path, with AuxK (and JumpReLU's pre-activation loss); StackedAdam is torch.optim.Adam with a learning rate per block."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +16,8 @@ def make(arch, ks, sparse, seed0=0):
     saes = []
     for s, k in enumerate(ks):
         g = torch.Generator().manual_seed(seed0 + s)
-        sae = SAE(D, DSAE, arch, k, k_aux=6, bandwidth=0.05, init_threshold=0.05, sparse=sparse, generator=g)
+        sae = SAE(D, DSAE, arch, k, k_aux=6, bandwidth=0.05, init_threshold=0.05, pre_act_coeff=0.01, sparse=sparse,
+                  generator=g)
         with torch.no_grad():
             sae.b_dec.normal_(0, 0.3, generator=g)
             sae.b_enc.normal_(0, 0.1, generator=g)
