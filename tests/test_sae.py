@@ -84,6 +84,27 @@ def test_auxk_is_the_normalised_residual_reconstruction_of_dead_latents():
     assert sae(x).losses.keys() == {"mse"}                     # no dead latents: no AuxK term
 
 
+def test_jumprelu_pre_act_loss_lifts_dead_latents_toward_their_threshold():
+    """Anthropic's January 2025 pre-activation loss: coeff * sum over dead latents of
+    ReLU(theta - pre), averaged over rows. Its gradient raises a dead latent's encoder bias
+    (by coeff times the share of rows below theta) and leaves live latents alone."""
+    sae = make("jumprelu", pre_act_coeff=0.01)
+    x = data(200)
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+    dead[::4] = True
+    out = sae(x, dead_mask=dead, sparsity_coeff=0.0)
+    pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).detach()
+    gap = (sae.threshold.detach() - pre).relu()
+    assert torch.allclose(out.losses["pre_act_loss"], 0.01 * (gap * dead).sum(1).mean(), rtol=1e-5)
+    sae.zero_grad()
+    out.losses["pre_act_loss"].backward()
+    below = (pre < sae.threshold.detach()).double().mean(0)
+    assert torch.allclose(sae.b_enc.grad[dead].double(), -0.01 * below[dead], atol=1e-7)
+    assert (sae.b_enc.grad[dead] < 0).all() and (sae.b_enc.grad[~dead] == 0).all()
+    assert "pre_act_loss" not in sae(x, sparsity_coeff=0.0).losses                # nothing dead: no term
+    assert "pre_act_loss" not in make("jumprelu")(x, dead_mask=dead, sparsity_coeff=0.0).losses   # coeff 0
+
+
 def test_batchtopk_training_selects_over_batch_and_inference_is_per_row():
     sae = make("batchtopk", k=4)
     sae.threshold.zero_()                                      # not yet estimated
