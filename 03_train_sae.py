@@ -643,6 +643,46 @@ def main(argv=None):
         dist.close()
 
 
+def restore_run(run: Run, args, acts: Acts, meta: dict, dev, dist: Dist) -> None:
+    """Record what a checkpoint must match (config, data, sizes); on --resume load its weights,
+    Adam state, dead-latent clocks, lambda and schedule, after checking it is the same run."""
+    run.ckpt_meta = {"config": {k: v for k, v in vars(args).items() if k not in RESUME_FREE},
+                     **meta, "d_sae": run.d_sae, "k": run.k, "seed": run.seed}
+    if run.resuming:
+        check_same_run(run.out / CKPT, run.ckpt_meta, acts)
+        run.start, run.since_fired, run.lam = load_checkpoint(run.out / CKPT, run.sae, run.opt)
+        run.since_fired = run.since_fired.to(dev)
+        if checkpoint_state(run.out / CKPT).get("schedule"):
+            run.schedule.load(checkpoint_state(run.out / CKPT)["schedule"])
+    if dist.master:
+        tidy_out_dir(run.out, run.resuming, run.start)
+
+
+def import_wandb(args, dist: Dist):
+    """The wandb module where --wandb asks for it (on the master process), else None; imported
+    only then, and checked before anything is written."""
+    if not (args.wandb and dist.master):
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package (pip install wandb)")
+    return wandb
+
+
+def start_wandb(wandb, args, runs: list[Run], d_in: int, max_steps: int) -> None:
+    """One W&B run for the whole pass. A resumed pass continues its W&B run (the id travels in
+    the checkpoint); a fresh one starts a new one."""
+    one = len(runs) == 1                               # the resolved sizes, one value per SAE
+    sizes = {n: getattr(runs[0], n) if one else [getattr(r, n) for r in runs] for n in ("seed", "k", "d_sae")}
+    wandb_id = (checkpoint_state(runs[0].out / CKPT).get("wandb_id") if runs[0].resuming else None) \
+        or uuid.uuid4().hex[:8]
+    for run in runs:
+        run.ckpt_meta["wandb_id"] = wandb_id
+    wandb.init(project=args.wandb, id=wandb_id, resume="allow", dir=str(runs[0].out),
+               config={**vars(args), **sizes, "d_in": d_in, "max_steps": max_steps, "saes": [r.name for r in runs]})
+
+
 def train(args, dist: Dist, dev: torch.device):
     # --- data and sizes (everything is checked before anything is written) -------------------
     acts, x_train, x_held = load_data(args)
@@ -655,12 +695,7 @@ def train(args, dist: Dist, dev: torch.device):
     tokens = args.tokens or args.max_tokens or (n_train if acts.kind == "shards" else max(DEFAULT_MAX_TOKENS, n_train))
     max_steps = max(1, tokens // args.batch_size)
     dead_tokens = args.dead_tokens or min(10_000_000, n_train)
-    wandb = None
-    if args.wandb and dist.master:                         # imported only when asked for
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--wandb needs the wandb package (pip install wandb)")
+    wandb = import_wandb(args, dist)
     if args.resume and len(runs) > 1:                      # a killed pass may have finished some SAEs
         runs = [r for r in runs if not (r.out / FINAL).exists()] or runs
     for run in runs:
@@ -677,33 +712,16 @@ def train(args, dist: Dist, dev: torch.device):
                           buffer_rows=args.buffer_rows, scale=scale, device=dev)
 
     # --- each SAE, its optimiser and its training state (or its checkpoint) -------------------
+    meta = {"acts_sha256_1mb": acts.sha256_1mb, "d_in": acts.d_in, "n_train": n_train, "input_scale": scale,
+            "data": source.state()}
     for run in runs:
         build_run(run, args, x_train, dev, dist, max_steps, args.init)
-        run.ckpt_meta = {"config": {k: v for k, v in vars(args).items() if k not in RESUME_FREE},
-                         "acts_sha256_1mb": acts.sha256_1mb, "d_in": acts.d_in, "d_sae": run.d_sae, "k": run.k,
-                         "seed": run.seed, "n_train": n_train, "input_scale": scale, "data": source.state()}
-        if run.resuming:
-            check_same_run(run.out / CKPT, run.ckpt_meta, acts)
-            run.start, run.since_fired, run.lam = load_checkpoint(run.out / CKPT, run.sae, run.opt)
-            run.since_fired = run.since_fired.to(dev)
-            if checkpoint_state(run.out / CKPT).get("schedule"):
-                run.schedule.load(checkpoint_state(run.out / CKPT)["schedule"])
-        if dist.master:
-            tidy_out_dir(run.out, run.resuming, run.start)
+        restore_run(run, args, acts, meta, dev, dist)
     check(len({r.start for r in runs}) == 1, "--resume: the SAEs of this run were checkpointed at different steps "
                                              f"({', '.join(f'{r.name} {r.start}' for r in runs)}); pass --overwrite")
     start = runs[0].start
     if wandb is not None:
-        one = len(runs) == 1                               # the resolved sizes, one value per SAE
-        sizes = {n: getattr(runs[0], n) if one else [getattr(r, n) for r in runs] for n in ("seed", "k", "d_sae")}
-        # a resumed run continues its W&B run (the id travels in the checkpoint); a fresh one starts a new one
-        wandb_id = (checkpoint_state(runs[0].out / CKPT).get("wandb_id") if runs[0].resuming else None) \
-            or uuid.uuid4().hex[:8]
-        for run in runs:
-            run.ckpt_meta["wandb_id"] = wandb_id
-        wandb.init(project=args.wandb, id=wandb_id, resume="allow", dir=str(runs[0].out),
-                   config={**vars(args), **sizes, "d_in": acts.d_in, "max_steps": max_steps,
-                           "saes": [r.name for r in runs]})
+        start_wandb(wandb, args, runs, acts.d_in, max_steps)
 
     # --- the loop: every batch is read once and each live SAE takes its step on it -----------
     groups = plan_groups(runs, args)
