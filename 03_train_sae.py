@@ -44,7 +44,8 @@ own units. --k is the L0 of every architecture: exact per row (topk), on average
 the target that lambda is steered to (relu, jumprelu: lambda grows or shrinks by up to
 --steer-gain (log) a step with log(L0/k)) unless --l1-coeff / --l0-coeff fix lambda. Dead latents
 (not fired for --dead-tokens: 10M tokens as in Gao et al. 2024, at most one pass over the
-SAE-train rows) are trained by AuxK, for every architecture (sae.py).
+SAE-train rows) are trained by AuxK, for every architecture, and for jumprelu also by the
+pre-activation loss (--pre-act-coeff; sae.py).
 
 Under torchrun every process takes its slice of the same global batch, gradients are
 averaged with one all-reduce per step (gloo on CPU, nccl on GPU), and the dead-latent

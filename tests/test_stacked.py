@@ -1,6 +1,7 @@
 """lib/stacked.py: S SAEs stacked into one module are, block for block, the S sae.SAE objects
 they came from: the same loss terms, L0, fired latents and gradients, on the sparse and the
-plain path, with AuxK (and JumpReLU's pre-activation loss); StackedAdam is torch.optim.Adam with a learning rate per block."""
+plain path, with AuxK (and JumpReLU's pre-activation loss); StackedAdam is torch.optim.Adam
+with a learning rate per block."""
 from __future__ import annotations
 
 import pytest
