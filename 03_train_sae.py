@@ -140,7 +140,8 @@ def get_args(argv=None):
     p.add_argument("--init-threshold", type=float, default=1e-3, help="jumprelu: initial theta")
     p.add_argument("--k-aux", type=int, default=None, help="AuxK latents (default d_in/2)")
     p.add_argument("--auxk-coeff", type=float, default=1 / 32)
-    p.add_argument("--no-auxk", action="store_true", help="no dead-latent remedy: no AuxK loss (every arch), no pre-activation loss (jumprelu)")
+    p.add_argument("--no-auxk", action="store_true",
+                   help="no dead-latent remedy: no AuxK loss (every arch), no pre-activation loss (jumprelu)")
     p.add_argument("--pre-act-coeff", type=float, default=None,
                    help="jumprelu: coefficient of the pre-activation loss on dead latents (Anthropic, Jan 2025; "
                         "default PRE_ACT_COEFF, 0 = off)")
@@ -238,10 +239,11 @@ class Schedule:
         the held-out L0 is within 10% of k. For relu and jumprelu only the evaluations since L0
         last came within 10% of k count: before that the code is denser than the target and its
         FVU lower than any sparse code's, so comparing against it would call the first sparse
-        evaluations a plateau and stop a run that has only just reached its sparsity. Then lr decays linearly to 0 over decay_frac of the
-        steps done so far and the run stops: the decay is what a converged run needs last, not a
-        fixed share of a guessed length. If the cap (max steps) comes first, the decay starts in
-        time to end there. `reason` says which, for summary.json."""
+        evaluations a plateau and stop a run that has only just reached its sparsity. Then lr
+        decays linearly to 0 over decay_frac of the steps done so far and the run stops: the
+        decay is what a converged run needs last, not a fixed share of a guessed length. If the
+        cap (max steps) comes first, the decay starts in time to end there. `reason` says which,
+        for summary.json."""
 
     def __init__(self, lr: float, max_steps: int, warmup: int, decay_frac: float, fixed: bool,
                  window: int = 10, tol: float = 0.02):
@@ -653,8 +655,9 @@ def restore_run(run: Run, args, acts: Acts, meta: dict, dev, dist: Dist) -> None
         check_same_run(run.out / CKPT, run.ckpt_meta, acts)
         run.start, run.since_fired, run.lam = load_checkpoint(run.out / CKPT, run.sae, run.opt)
         run.since_fired = run.since_fired.to(dev)
-        if checkpoint_state(run.out / CKPT).get("schedule"):
-            run.schedule.load(checkpoint_state(run.out / CKPT)["schedule"])
+        schedule = checkpoint_state(run.out / CKPT).get("schedule")
+        if schedule:
+            run.schedule.load(schedule)
     if dist.master:
         tidy_out_dir(run.out, run.resuming, run.start)
 
