@@ -83,11 +83,13 @@ THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))
 
 log() { printf '[run_all %4ds] %s\n' "$((SECONDS - START))" "$*"; }
 
-# JOBS commands side by side: job CMD... starts one (waiting for a free slot), drain waits for all.
+# JOBS commands side by side: job CMD... starts one, then waits until fewer than JOBS run (for
+# whichever ends first: a slot never idles behind a long job); drain waits for all. A failed
+# command stops the script (set -e) through either wait.
 pids=()
 job() {
     "$@" & pids+=("$!")
-    if (( ${#pids[@]} >= JOBS )); then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+    while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done
 }
 drain() { local p; for p in "${pids[@]}"; do wait "$p"; done; pids=(); }
 
@@ -155,11 +157,15 @@ sweep() {      # args: acts sae_root results_root
     drain
 }
 
-# The study at one site: every architecture's seeds in one 03 pass each, then one 04 call and one 05 per
+# The study at one site: every architecture's seeds in one 03 pass each (the slowest first, so the
+# others fill the other slots: relu runs longest, to its cap), then one 04 call and one 05 per
 # architecture.
 study() {      # args: acts run sae_root results_root k [d_sae]
     local acts=$1 run=$2 root=$3 res=$4 k=$5 d=${6:-} arch s dirs pairs
-    for arch in $ARCHS; do
+    local order=()
+    for arch in relu jumprelu batchtopk topk; do [[ " $ARCHS " == *" $arch "* ]] && order+=("$arch"); done
+    for arch in $ARCHS; do [[ " ${order[*]} " == *" $arch "* ]] || order+=("$arch"); done
+    for arch in "${order[@]}"; do
         log "03 $arch k $k d_sae ${d:-default} seeds $SEEDS"
         job train_saes "$acts" "$root/$arch" "$arch" "$SEEDS" --k "$k" ${d:+--d-sae "$d"}
     done

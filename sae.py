@@ -46,8 +46,9 @@ and every architecture adds (1/32) * AuxK while some latents are dead (below).
     saved weights (fold_input_scale_)                             Lieberum et al. 2024
   * lr warmup and a final linear decay live in 03_train_sae.py  Conerly et al. 2024
 
-Speed tricks live beside this file, not in it: lib/kernels.py trains the TopK family on the
-active latents only (one visible call in SAE.forward, tested equal to the plain path here).
+Speed tricks live beside this file, not in it: lib/kernels.py trains the TopK family, and relu
+once its code is sparse, on the active latents only (one visible call in SAE.forward, tested
+equal to the plain path here).
 Files: `save(dir)` / `SAE.load(dir)` read and write SAELens 6's layout (lib/saelens_format.py),
 so `sae_lens.SAE.load_from_disk(dir)` gives the same codes and reconstructions as ours.
 """
@@ -294,11 +295,13 @@ class SAE(nn.Module):
         all_reduce(t): sums t in place over processes (DDP), so that AuxK's normaliser is
         the error variance of the *global* batch and N processes match one.
         """
-        fast = self.use_sparse(x)
+        parts = kernels.sparse_forward(self, x) if self.use_sparse(x) else None
+        fast = parts is not None
         if fast:                          # the same maths on the active latents only
-            parts = kernels.sparse_forward(self, x)
             x_c, pre = parts.pop("x_c"), parts.pop("pre")
             out = SAEOutput(losses={}, **parts)
+            if self.arch == "relu":
+                out.losses["l1_loss"] = self._l1(sparsity_coeff) * out.vals.sum() / x.shape[0]
         else:
             out, pre = self._forward_dense(x, sparsity_coeff)
         losses = {"mse": F.mse_loss(out.x_hat, x, reduction="sum") / x.shape[0], **out.losses}
@@ -313,10 +316,11 @@ class SAE(nn.Module):
         return out
 
     def use_sparse(self, x: torch.Tensor) -> bool:
-        """TopK family only. Measured: on CPU the sparse path wins at every size tried
-        (2.5x at 128 -> 1024); on an H200 the dense one wins below d_in * d_sae ~ 4M,
-        where kernel launches, not FLOPs, set the pace (bench/bench_sae.py)."""
-        if self.arch not in ("topk", "batchtopk"):
+        """TopK family and relu (jumprelu's gradient reaches latents that did not fire).
+        Measured: on CPU the sparse path wins at every size tried (TopK 2.5x at 128 -> 1024;
+        relu at L0 near k once its code is sparse, bench/bench_sae.py); on an H200 the dense one
+        wins below d_in * d_sae ~ 4M, where kernel launches, not FLOPs, set the pace."""
+        if self.arch == "jumprelu":
             return False
         if self.sparse is not None:
             return self.sparse
@@ -329,9 +333,7 @@ class SAE(nn.Module):
         losses, min_active, l0 = {}, None, None
         if self.arch == "relu":
             acts = pre.relu()
-            lam = self.l1_coeff if sparsity_coeff is None else sparsity_coeff
-            # sum_i f_i |W_dec_i| (the April update's penalty) == sum_i f_i: rows are unit norm.
-            losses["l1_loss"] = lam * acts.sum(-1).mean()
+            losses["l1_loss"] = self._l1(sparsity_coeff) * acts.sum(-1).mean()
         elif self.arch == "jumprelu":
             acts, l0_rows = JumpReLU.apply(pre, self.threshold, self.bandwidth)
             lam = self.l0_coeff if sparsity_coeff is None else sparsity_coeff
@@ -356,6 +358,11 @@ class SAE(nn.Module):
             if l0 is None:
                 l0 = active.view(torch.uint8).sum(-1, dtype=torch.int32).sum() / x.shape[0]
         return SAEOutput(x_hat=x_hat, losses=losses, acts=acts, l0=l0, fired=fired, min_active=min_active), pre
+
+    def _l1(self, sparsity_coeff):
+        """relu's lambda. Its penalty sum_i f_i |W_dec_i| (Anthropic's April 2024 update)
+        is sum_i f_i here: decoder rows are unit norm."""
+        return self.l1_coeff if sparsity_coeff is None else sparsity_coeff
 
     # -- AuxK (Gao et al. 2024, App. A.2) ----------------------------------------
 

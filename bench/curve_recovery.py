@@ -38,6 +38,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8000, help="cap (the plateau may end the run sooner)")
     ap.add_argument("--every", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=1024, help="03's default on modular addition's 11,492 rows")
+    ap.add_argument("--lr", type=float, default=None, help="03's --lr (default: 03's default for the width and batch)")
+    ap.add_argument("--threads", type=int, default=None, help="03's --threads")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "curve_recovery")
     a = ap.parse_args()
     if not a.acts.is_file():
@@ -46,7 +48,9 @@ def main():
     gt, _ = G.load_or_fit(acts)
     base = [sys.executable, str(ROOT / "03_train_sae.py"), "--acts", str(a.acts), "--out", str(a.out), "--arch", a.arch,
             "--k", str(a.k), "--d-sae", str(a.d_sae), "--seed", *a.seeds, "--max-tokens", str(a.steps * a.batch_size),
-            "--quiet"]
+            "--batch-size", str(a.batch_size), "--quiet"]
+    base += ["--lr", str(a.lr)] if a.lr else []
+    base += ["--threads", str(a.threads)] if a.threads else []
     print(f"{a.arch} k {a.k} / {a.d_sae} latents, seeds {' '.join(a.seeds)}, 03 defaults, cap {a.steps} steps")
     print(f"{'step':>6s} {'answer features recovered per seed (%)':40s} {'lowest':>6s} {'every':>6s} {'EV':>7s} {'s':>6s}")
     step, t0, first = 0, time.perf_counter(), True

@@ -7,7 +7,9 @@ gradients.
   * the sparse TopK-family step (Gao et al. 2024's "sparse kernels", written with stock
     PyTorch ops): only the k active latents of a row are decoded (embedding_bag) and
     back-propagated (CSR matmuls, sampled_addmm), so the step costs one dense encoder matmul
-    plus O(B k d) instead of five dense [B, d_sae] x [d_sae, d_in] matmuls;
+    plus O(B k d) instead of five dense [B, d_sae] x [d_sae, d_in] matmuls. relu takes the
+    same step on its positive pre-activations once they are sparse (its L1 and its gradient
+    live there too): 1.8x its dense step at L0 = k (bench/bench_sae.py);
   * encode: (x - b_dec) @ W_enc + b_enc whose backward gets b_dec's gradient as a mat-vec.
 """
 from __future__ import annotations
@@ -197,19 +199,30 @@ class _SparseDecode(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------
-# The sparse TopK-family step: what SAE.forward does for topk / batchtopk, on the active latents.
+# The sparse step: what SAE.forward does for topk / batchtopk / relu, on the active latents.
 
-def sparse_forward(sae, x: torch.Tensor) -> dict:
-    """For a TopK-family `sae` (sae.py) in training or eval mode: x_hat, the code (pattern +
-    vals), L0, fired latents and BatchTopK's smallest kept activation (the fields of
-    sae.SAEOutput), plus x_c = x - b_dec and the pre-activations, which AuxK reuses."""
+RELU_SPARSE_MAX_FILL = 1 / 10   # relu: above this share of active (row, latent) pairs the dense path is faster
+                                # (measured crossover ~12-15% at 128 -> 256 and 1024 on one CPU core)
+
+
+def sparse_forward(sae, x: torch.Tensor) -> dict | None:
+    """For a TopK-family or relu `sae` (sae.py) in training or eval mode: x_hat, the code
+    (pattern + vals), L0, fired latents and BatchTopK's smallest kept activation (the fields
+    of sae.SAEOutput), plus x_c = x - b_dec and the pre-activations, which AuxK reuses.
+    relu's code is pre > 0, as dense as the batch makes it: None (use the plain path) while
+    more than RELU_SPARSE_MAX_FILL of it is active, as at the start of training."""
     B = x.shape[0]
     b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
     with torch.no_grad():
         x_c = x - sae.b_dec if sae.apply_b_dec_to_input else x
         pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)
         min_active = None
-        if sae.arch == "topk" or not sae.training:
+        if sae.arch == "relu":
+            flat = (pre > 0).view(-1).nonzero().squeeze(1)
+            if flat.numel() > RELU_SPARSE_MAX_FILL * pre.numel():
+                return None
+            pat, v = SparsePattern.from_flat(flat, B, sae.d_sae), pre.view(-1)[flat]
+        elif sae.arch == "topk" or not sae.training:
             if sae.arch == "topk":
                 v, i = topk_relu(pre, sae.k)
                 pat, v = SparsePattern.from_topk(i, sae.d_sae), v.reshape(-1)
@@ -235,16 +248,18 @@ def sparse_forward(sae, x: torch.Tensor) -> dict:
 
 def sparse_auxk_e_hat(sae, x_c: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor) -> torch.Tensor | None:
     """AuxK's e_hat (SAE._auxk_e_hat) as a TopK SAE over the sub-dictionary of dead latents:
-    gather their encoder columns and decoder rows (autograd scatters the gradients back).
-    None when no latent is dead."""
+    gather their encoder columns and decoder rows (autograd scatters the gradients back);
+    ReLU'd for the TopK family, raw for relu, as there. None when no latent is dead."""
+    raw = sae.arch == "relu"
     with torch.no_grad():
         dead = dead_mask.nonzero().squeeze(1)
         k_aux = min(sae.k_aux, dead.numel())
         if k_aux == 0:
             return None
-        v, j = topk_relu(pre.index_select(1, dead), k_aux)
+        sub = pre.index_select(1, dead)
+        v, j = sub.topk(k_aux, dim=-1, sorted=False) if raw else topk_relu(sub, k_aux)
     pat = SparsePattern.from_topk(j, dead.numel())
     W_enc, b_enc, W_dec = sae.W_enc.index_select(1, dead), sae.b_enc[dead], sae.W_dec.index_select(0, dead)
     b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
-    vals = _SparseEncode.apply(v.reshape(-1), x_c, W_enc, b_enc, b_dec, pat).relu()
-    return _SparseDecode.apply(vals, W_dec, pat)
+    vals = _SparseEncode.apply(v.reshape(-1), x_c, W_enc, b_enc, b_dec, pat)
+    return _SparseDecode.apply(vals if raw else vals.relu(), W_dec, pat)

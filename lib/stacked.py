@@ -69,7 +69,8 @@ class StackedSAE(nn.Module):
         self.arch, self.S, self.d_sae, self.d_in, self.k = a.arch, len(saes), a.d_sae, a.d_in, a.k
         self.k_aux, self.auxk_coeff, self.bandwidth, self.threshold_ema = a.k_aux, a.auxk_coeff, a.bandwidth, a.threshold_ema
         self.pre_act_coeff = a.pre_act_coeff
-        self.use_sparse = a.use_sparse                      # the TopK family's CPU / size rule (sae.py)
+        # the TopK family's CPU / size rule (sae.py); relu and jumprelu stack on the dense path
+        self.use_sparse = a.use_sparse if a.arch in ("topk", "batchtopk") else (lambda x: False)
         with torch.no_grad():
             for n in NAMES:
                 setattr(self, n, nn.Parameter(torch.stack([getattr(s, n) for s in saes])))

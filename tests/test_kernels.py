@@ -43,6 +43,36 @@ def test_sparse_path_matches_dense_path(arch):
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
 
 
+def test_relu_sparse_path_matches_dense_path_and_falls_back_while_dense():
+    """relu on the sparse path (its code = pre > 0): the same L1 and MSE, raw-valued AuxK, code,
+    L0 and gradients as dense autograd once the code is sparse; while more than
+    RELU_SPARSE_MAX_FILL of it is active the plain path runs (the start of training)."""
+    x = data(300)
+    for n_dead in (20, 100):
+        a, b = make("relu", sparse=True), make("relu", sparse=False)
+        for s in (a, b):
+            with torch.no_grad():
+                s.b_enc.sub_(4.0)                  # a sparse code: ~1.5% of (row, latent) pairs
+        dead = torch.zeros(a.d_sae, dtype=torch.bool)
+        dead[torch.randperm(a.d_sae, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
+        oa, ob = a(x, dead_mask=dead, sparsity_coeff=0.3), b(x, dead_mask=dead, sparsity_coeff=0.3)
+        assert oa.acts is None and oa.pattern is not None and ob.acts is not None     # the two paths ran
+        assert 0 < float(oa.l0) < a.d_sae * kernels.RELU_SPARSE_MAX_FILL
+        assert oa.losses.keys() == ob.losses.keys() == {"mse", "l1_loss", "auxk_loss"}
+        for name in oa.losses:
+            assert torch.allclose(oa.losses[name], ob.losses[name], rtol=1e-5, atol=1e-7), name
+        assert torch.equal(oa.code(), ob.acts)
+        assert torch.equal(oa.fired, ob.fired) and oa.l0 == ob.l0
+        oa.loss.backward()
+        ob.loss.backward()
+        for name, p in a.named_parameters():
+            q = dict(b.named_parameters())[name]
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+    dense = make("relu", sparse=True)                # make()'s own b_enc: about half the code active
+    out = dense(x, sparsity_coeff=0.3)
+    assert out.acts is not None and float(out.l0) > dense.d_sae * kernels.RELU_SPARSE_MAX_FILL
+
+
 def test_encode_kernel_equals_autograd_of_the_formula():
     """kernels.encode: (x - b_dec) @ W_enc + b_enc, with b_dec's gradient as a mat-vec; the same
     values and gradients as autograd through the formula written out."""
