@@ -499,8 +499,8 @@ class Group:
 def plan_groups(runs: list[Run], args) -> list[Group]:
     """--stack auto: the TopK family's SAEs of one width and k train as one stack (on 2 CPU cores
     its step is the faster one, bench/bench_multi_seed.py); relu and jumprelu step one SAE at a
-    time: stacked they take the dense step, no faster there than one at a time (and relu's own
-    sparse step is faster still). --stack on / off: always / never."""
+    time: stacked they take the dense step, no faster there than one at a time (and their own
+    sparse step, once their code is sparse, is faster still). --stack on / off: always / never."""
     if args.stack == "off" or (args.stack == "auto" and args.arch not in ("topk", "batchtopk")):
         return [Group([r]) for r in runs]
     by: dict = {}

@@ -47,8 +47,8 @@ and every architecture adds (1/32) * AuxK while some latents are dead (below).
   * lr warmup and a final linear decay live in 03_train_sae.py  Conerly et al. 2024
 
 Speed tricks live beside this file, not in it: lib/kernels.py trains the TopK family, and relu
-once its code is sparse, on the active latents only (one visible call in SAE.forward, tested
-equal to the plain path here).
+and jumprelu once their code is sparse, on the active latents only (one visible call in
+SAE.forward, tested equal to the plain path here).
 Files: `save(dir)` / `SAE.load(dir)` read and write SAELens 6's layout (lib/saelens_format.py),
 so `sae_lens.SAE.load_from_disk(dir)` gives the same codes and reconstructions as ours.
 """
@@ -298,10 +298,12 @@ class SAE(nn.Module):
         parts = kernels.sparse_forward(self, x) if self.use_sparse(x) else None
         fast = parts is not None
         if fast:                          # the same maths on the active latents only
-            x_c, pre = parts.pop("x_c"), parts.pop("pre")
+            x_c, pre, l0_sum = parts.pop("x_c"), parts.pop("pre"), parts.pop("l0_sum")
             out = SAEOutput(losses={}, **parts)
             if self.arch == "relu":
                 out.losses["l1_loss"] = self._l1(sparsity_coeff) * out.vals.sum() / x.shape[0]
+            elif self.arch == "jumprelu" and self.training:
+                out.losses["l0_loss"] = self._l0(sparsity_coeff) * l0_sum / x.shape[0]
         else:
             out, pre = self._forward_dense(x, sparsity_coeff)
         losses = {"mse": F.mse_loss(out.x_hat, x, reduction="sum") / x.shape[0], **out.losses}
@@ -311,17 +313,17 @@ class SAE(nn.Module):
             aux = self._auxk_loss(e, e_hat, all_reduce) if e_hat is not None else out.x_hat.new_zeros(())
             losses["auxk_loss"] = self.auxk_coeff * aux
             if self.arch == "jumprelu" and self.pre_act_coeff:
-                losses["pre_act_loss"] = self.pre_act_coeff * self._pre_act_loss(pre, dead_mask)
+                dead = dead_mask.nonzero().squeeze(1)       # (the fast path's pre has no gradient)
+                pre_dead = kernels.dead_pre(self, x, dead) if fast else pre.index_select(1, dead)
+                losses["pre_act_loss"] = self.pre_act_coeff * self._pre_act_loss(pre_dead, self.threshold[dead])
         out.losses, out.loss = losses, sum(losses.values())
         return out
 
     def use_sparse(self, x: torch.Tensor) -> bool:
-        """TopK family and relu (jumprelu's gradient reaches latents that did not fire).
+        """Every arch (relu and jumprelu only once their code is sparse: kernels.sparse_forward).
         Measured: on CPU the sparse path wins at every size tried (TopK 2.5x at 128 -> 1024;
-        relu at L0 near k once its code is sparse, bench/bench_sae.py); on an H200 the dense one
-        wins below d_in * d_sae ~ 4M, where kernel launches, not FLOPs, set the pace."""
-        if self.arch == "jumprelu":
-            return False
+        relu 1.8x and jumprelu 2.5x at L0 = k, bench/bench_sae_cpu.txt); on an H200 the dense one wins
+        below d_in * d_sae ~ 4M, where kernel launches, not FLOPs, set the pace."""
         if self.sparse is not None:
             return self.sparse
         return x.device.type == "cpu" or self.d_in * self.d_sae >= 1 << 22
@@ -336,8 +338,7 @@ class SAE(nn.Module):
             losses["l1_loss"] = self._l1(sparsity_coeff) * acts.sum(-1).mean()
         elif self.arch == "jumprelu":
             acts, l0_rows = JumpReLU.apply(pre, self.threshold, self.bandwidth)
-            lam = self.l0_coeff if sparsity_coeff is None else sparsity_coeff
-            losses["l0_loss"] = lam * l0_rows.mean()
+            losses["l0_loss"] = self._l0(sparsity_coeff) * l0_rows.mean()
             l0 = l0_rows.detach().sum() / x.shape[0]
         elif self.arch == "topk":
             with torch.no_grad():
@@ -359,6 +360,10 @@ class SAE(nn.Module):
                 l0 = active.view(torch.uint8).sum(-1, dtype=torch.int32).sum() / x.shape[0]
         return SAEOutput(x_hat=x_hat, losses=losses, acts=acts, l0=l0, fired=fired, min_active=min_active), pre
 
+    def _l0(self, sparsity_coeff):
+        """jumprelu's lambda."""
+        return self.l0_coeff if sparsity_coeff is None else sparsity_coeff
+
     def _l1(self, sparsity_coeff):
         """relu's lambda. Its penalty sum_i f_i |W_dec_i| (Anthropic's April 2024 update)
         is sum_i f_i here: decoder rows are unit norm."""
@@ -379,10 +384,11 @@ class SAE(nn.Module):
         aux = torch.zeros_like(pre).scatter(-1, i, v.relu() if self.arch in ("topk", "batchtopk") else v)
         return aux @ self.W_dec
 
-    def _pre_act_loss(self, pre, dead_mask):
-        """sum over dead latents of ReLU(theta - pre), averaged over rows: zero once a latent
-        fires, a push up on its encoder bias and direction until it does (Anthropic, Jan 2025)."""
-        return ((self.threshold - pre).relu() * dead_mask).sum(-1).mean()
+    def _pre_act_loss(self, pre_dead, theta_dead):
+        """sum over dead latents of ReLU(theta - pre), averaged over rows (pre_dead [B, n_dead]):
+        zero once a latent fires, a push up on its encoder bias and direction until it does
+        (Anthropic, Jan 2025)."""
+        return (theta_dead - pre_dead).relu().sum(-1).mean()
 
     def _auxk_loss(self, e, e_hat, all_reduce):
         """|e - e_hat|^2 / |e - mean(e)|^2 averaged over rows: normalised by the variance of

@@ -139,18 +139,20 @@ def main():
         (f"topk + AuxK ({n_dead} dead)", dict(arch="topk", sparse=True), dead, mm + 4 * sp + aux_flops),
         ("topk (dense path)", dict(arch="topk", sparse=False), None, 5 * mm),
         ("batchtopk (sparse path)", dict(arch="batchtopk", sparse=True), None, mm + 4 * sp),
-        ("jumprelu (dense)", dict(arch="jumprelu"), None, 5 * mm),
+        ("jumprelu (dense, L0 = d_sae/2)", dict(arch="jumprelu"), None, 5 * mm),
+        ("jumprelu (dense path, L0 = k)", dict(arch="jumprelu", sparse=False), None, 5 * mm),
+        ("jumprelu (sparse path, L0 = k)", dict(arch="jumprelu", sparse=True), None, mm + 4 * sp),
         ("relu / L1 (dense, L0 = d_sae/2)", dict(arch="relu"), None, 5 * mm),
         ("relu / L1 (dense path, L0 = k)", dict(arch="relu", sparse=False), None, 5 * mm),
         ("relu / L1 (sparse path, L0 = k)", dict(arch="relu", sparse=True), None, mm + 4 * sp),
     ]:
         sae = SAE(d, D, k=k, generator=torch.Generator().manual_seed(0), **kw).to(dev)
         sae.init_b_dec_(x[:2048])
-        if "L0 = k" in name:           # a trained relu SAE's code: b_enc set so that ~k latents fire per row
+        if "L0 = k" in name:           # a trained SAE's code: b_enc set so that ~k latents fire per row
             with torch.no_grad():
                 pre = (x[:2048] - sae.b_dec) @ sae.W_enc
                 sae.b_enc.copy_(-pre.float().quantile(1 - k / D, dim=0))
-        cases.append((name, our_step(sae, lr, dm, coeff=1e-3 if kw["arch"] == "relu" else None), flops))
+        cases.append((name, our_step(sae, lr, dm, coeff=1e-3 if kw["arch"] in ("relu", "jumprelu") else None), flops))
 
     # interleave the cases over several rounds so that a burst of load elsewhere on the
     # machine hits all of them alike; report each case's median step

@@ -7,9 +7,11 @@ gradients.
   * the sparse TopK-family step (Gao et al. 2024's "sparse kernels", written with stock
     PyTorch ops): only the k active latents of a row are decoded (embedding_bag) and
     back-propagated (CSR matmuls, sampled_addmm), so the step costs one dense encoder matmul
-    plus O(B k d) instead of five dense [B, d_sae] x [d_sae, d_in] matmuls. relu takes the
-    same step on its positive pre-activations once they are sparse (its L1 and its gradient
-    live there too): 1.8x its dense step at L0 = k (bench/bench_sae.py);
+    plus O(B k d) instead of five dense [B, d_sae] x [d_sae, d_in] matmuls. relu and jumprelu
+    take the same step once their code is sparse: relu on its positive pre-activations (its L1
+    and its gradient live there too), jumprelu on pre > theta - eps/2 (the code and the window
+    of theta's pseudo-gradient, _SparseJumpReLU); at L0 = k, 128 -> 1024, 1.8x (relu) and
+    2.5x (jumprelu) their dense step (bench/bench_sae_cpu.txt);
   * encode: (x - b_dec) @ W_enc + b_enc whose backward gets b_dec's gradient as a mat-vec.
 """
 from __future__ import annotations
@@ -199,27 +201,58 @@ class _SparseDecode(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------
-# The sparse step: what SAE.forward does for topk / batchtopk / relu, on the active latents.
+# The sparse step: what SAE.forward does, on the active latents (and jumprelu's kernel window).
 
-RELU_SPARSE_MAX_FILL = 1 / 10   # relu: above this share of active (row, latent) pairs the dense path is faster
-                                # (measured crossover ~12-15% at 128 -> 256 and 1024 on one CPU core)
+MAX_FILL = 1 / 10   # relu, jumprelu: above this share of the (row, latent) pairs the dense path is faster
+                    # (relu: measured crossover ~12-15% at 128 -> 256 and 1024 on one CPU core)
+
+
+class _SparseJumpReLU(torch.autograd.Function):
+    """sae.JumpReLU on the entries of a pattern (z = their pre-activations, col = their
+    latents): f = z * H(z - theta) and the batch's total L0 = sum H(z - theta), with the same
+    pseudo-gradients. theta's reaches only entries within eps/2 of it, so the pattern must hold
+    every entry with z > theta - eps/2: the code, and the kernel window below it."""
+
+    @staticmethod
+    def forward(ctx, z, theta, col, eps):
+        th = theta.index_select(0, col)
+        mask = z > th
+        ctx.save_for_backward(z, th, mask, col)
+        ctx.eps, ctx.d = eps, theta.shape[0]
+        return torch.where(mask, z, 0.0), mask.sum().to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g_f, g_l0):
+        z, th, mask, col = ctx.saved_tensors
+        eps = ctx.eps
+        window = (z > th - eps / 2) & (z < th + eps / 2)
+        w = (g_f * th + g_l0) * window
+        dtheta = torch.zeros(ctx.d, dtype=z.dtype, device=z.device).index_add_(0, col, w).div_(-eps)
+        return torch.where(mask, g_f, 0.0), dtheta, None, None
 
 
 def sparse_forward(sae, x: torch.Tensor) -> dict | None:
-    """For a TopK-family or relu `sae` (sae.py) in training or eval mode: x_hat, the code
-    (pattern + vals), L0, fired latents and BatchTopK's smallest kept activation (the fields
-    of sae.SAEOutput), plus x_c = x - b_dec and the pre-activations, which AuxK reuses.
-    relu's code is pre > 0, as dense as the batch makes it: None (use the plain path) while
-    more than RELU_SPARSE_MAX_FILL of it is active, as at the start of training."""
+    """For a TopK-family, relu or jumprelu `sae` (sae.py) in training or eval mode: x_hat, the
+    code (pattern + vals), L0, fired latents and BatchTopK's smallest kept activation (the
+    fields of sae.SAEOutput), plus x_c = x - b_dec and the pre-activations, which AuxK reuses,
+    and jumprelu's L0 summed over the batch, with theta's gradient (l0_sum). relu's code is
+    pre > 0 and jumprelu's pre > theta, as dense as the batch makes them: None (use the plain
+    path) while more than MAX_FILL of the pairs are in, as at the start of training."""
     B = x.shape[0]
     b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
     with torch.no_grad():
         x_c = x - sae.b_dec if sae.apply_b_dec_to_input else x
         pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)
         min_active = None
-        if sae.arch == "relu":
-            flat = (pre > 0).view(-1).nonzero().squeeze(1)
-            if flat.numel() > RELU_SPARSE_MAX_FILL * pre.numel():
+        if sae.arch in ("relu", "jumprelu"):
+            if sae.arch == "relu":
+                keep = pre > 0
+            elif sae.training:              # the code and theta's kernel window
+                keep = pre > sae.threshold - sae.bandwidth / 2
+            else:
+                keep = (pre > sae.threshold) & (pre > 0)
+            flat = keep.view(-1).nonzero().squeeze(1)
+            if flat.numel() > MAX_FILL * pre.numel():
                 return None
             pat, v = SparsePattern.from_flat(flat, B, sae.d_sae), pre.view(-1)[flat]
         elif sae.arch == "topk" or not sae.training:
@@ -237,20 +270,32 @@ def sparse_forward(sae, x: torch.Tensor) -> dict | None:
             pat = SparsePattern.from_flat(flat, B, sae.d_sae)
             pos = v[v > 0]
             min_active = pos.min() if pos.numel() else None
-    vals = _SparseEncode.apply(v, x_c, sae.W_enc, sae.b_enc, b_dec, pat).relu()
+    vals = _SparseEncode.apply(v, x_c, sae.W_enc, sae.b_enc, b_dec, pat)
+    l0_sum = None
+    if sae.arch == "jumprelu" and sae.training:
+        vals, l0_sum = _SparseJumpReLU.apply(vals, sae.threshold, pat.col, sae.bandwidth)
+    else:
+        vals = vals.relu()
     x_hat = _SparseDecode.apply(vals, sae.W_dec, pat) + sae.b_dec
     with torch.no_grad():
         on = vals > 0
         fired = torch.bincount(pat.col[on], minlength=sae.d_sae) > 0
         l0 = on.sum() / B
-    return dict(x_hat=x_hat, pattern=pat, vals=vals, l0=l0, fired=fired, min_active=min_active, x_c=x_c, pre=pre)
+    return dict(x_hat=x_hat, pattern=pat, vals=vals, l0=l0, fired=fired, min_active=min_active, x_c=x_c, pre=pre,
+                l0_sum=l0_sum)
+
+
+def dead_pre(sae, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """Pre-activations [B, n_dead] of the latents `dead` (ids), with their gradient: jumprelu's
+    pre-activation loss on the sparse path, whose pre has none."""
+    return encode(x, sae.W_enc.index_select(1, dead), sae.b_enc[dead], sae.b_dec if sae.apply_b_dec_to_input else None)
 
 
 def sparse_auxk_e_hat(sae, x_c: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor) -> torch.Tensor | None:
     """AuxK's e_hat (SAE._auxk_e_hat) as a TopK SAE over the sub-dictionary of dead latents:
     gather their encoder columns and decoder rows (autograd scatters the gradients back);
-    ReLU'd for the TopK family, raw for relu, as there. None when no latent is dead."""
-    raw = sae.arch == "relu"
+    ReLU'd for the TopK family, raw for relu and jumprelu, as there. None when no latent is dead."""
+    raw = sae.arch in ("relu", "jumprelu")
     with torch.no_grad():
         dead = dead_mask.nonzero().squeeze(1)
         k_aux = min(sae.k_aux, dead.numel())

@@ -43,13 +43,18 @@ def test_sparse_path_matches_dense_path(arch):
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
 
 
-def test_relu_sparse_path_matches_dense_path_and_falls_back_while_dense():
-    """relu on the sparse path (its code = pre > 0): the same L1 and MSE, raw-valued AuxK, code,
-    L0 and gradients as dense autograd once the code is sparse; while more than
-    RELU_SPARSE_MAX_FILL of it is active the plain path runs (the start of training)."""
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_relu_jumprelu_sparse_path_matches_dense_path_and_falls_back_while_dense(arch):
+    """relu and jumprelu on the sparse path (their code: pre > 0, pre > theta; jumprelu's pattern
+    also holds theta's kernel window): the same loss terms (L1 or L0 with theta's pseudo-gradient,
+    raw-valued AuxK, jumprelu's pre-activation loss), code, L0 and gradients as dense autograd once
+    the code is sparse; while more than MAX_FILL of it is in, the plain path runs (the start of
+    training)."""
     x = data(300)
+    kw = dict(bandwidth=1.0, pre_act_coeff=0.01) if arch == "jumprelu" else {}
+    terms = {"mse", "auxk_loss"} | ({"l0_loss", "pre_act_loss"} if arch == "jumprelu" else {"l1_loss"})
     for n_dead in (20, 100):
-        a, b = make("relu", sparse=True), make("relu", sparse=False)
+        a, b = make(arch, sparse=True, **kw), make(arch, sparse=False, **kw)
         for s in (a, b):
             with torch.no_grad():
                 s.b_enc.sub_(4.0)                  # a sparse code: ~1.5% of (row, latent) pairs
@@ -57,8 +62,8 @@ def test_relu_sparse_path_matches_dense_path_and_falls_back_while_dense():
         dead[torch.randperm(a.d_sae, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
         oa, ob = a(x, dead_mask=dead, sparsity_coeff=0.3), b(x, dead_mask=dead, sparsity_coeff=0.3)
         assert oa.acts is None and oa.pattern is not None and ob.acts is not None     # the two paths ran
-        assert 0 < float(oa.l0) < a.d_sae * kernels.RELU_SPARSE_MAX_FILL
-        assert oa.losses.keys() == ob.losses.keys() == {"mse", "l1_loss", "auxk_loss"}
+        assert 0 < float(oa.l0) < a.d_sae * kernels.MAX_FILL
+        assert oa.losses.keys() == ob.losses.keys() == terms
         for name in oa.losses:
             assert torch.allclose(oa.losses[name], ob.losses[name], rtol=1e-5, atol=1e-7), name
         assert torch.equal(oa.code(), ob.acts)
@@ -68,9 +73,10 @@ def test_relu_sparse_path_matches_dense_path_and_falls_back_while_dense():
         for name, p in a.named_parameters():
             q = dict(b.named_parameters())[name]
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
-    dense = make("relu", sparse=True)                # make()'s own b_enc: about half the code active
+            assert q.grad.abs().max() > 0, name          # every parameter's gradient is exercised
+    dense = make(arch, sparse=True, **kw)           # make()'s own b_enc: a third or more of the code active
     out = dense(x, sparsity_coeff=0.3)
-    assert out.acts is not None and float(out.l0) > dense.d_sae * kernels.RELU_SPARSE_MAX_FILL
+    assert out.acts is not None and float(out.l0) > dense.d_sae * kernels.MAX_FILL
 
 
 def test_encode_kernel_equals_autograd_of_the_formula():
@@ -93,14 +99,18 @@ def test_encode_kernel_equals_autograd_of_the_formula():
     assert torch.allclose(kernels.encode(x, W, b, None), x @ W + b, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
 def test_fast_path_in_eval_mode_is_the_inference_code(arch):
     """In eval mode the sparse step gives exactly encode()'s code and decode()'s reconstruction."""
     sae = make(arch, sparse=True)
+    if arch in ("relu", "jumprelu"):
+        with torch.no_grad():
+            sae.b_enc.sub_(4.0)                        # sparse enough for the sparse path
     sae.eval()
     x = data(120)
     with torch.no_grad():
         out = sae(x)
+        assert out.acts is None and out.pattern is not None                  # the sparse path ran
         assert torch.equal(out.code() > 0, sae.encode(x) > 0)
         assert torch.allclose(out.code(), sae.encode(x), atol=1e-6)
         assert torch.allclose(out.x_hat, sae.decode(sae.encode(x)), atol=1e-5)
