@@ -30,17 +30,26 @@ def test_sparse_path_matches_dense_path(arch):
         assert a.use_sparse(x) and not b.use_sparse(x)
         dead = torch.zeros(a.d_sae, dtype=torch.bool)
         dead[torch.randperm(a.d_sae, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
-        oa, ob = a(x, dead_mask=dead), b(x, dead_mask=dead)
-        assert oa.losses.keys() == ob.losses.keys() == {"mse", "auxk_loss"}
-        for name in oa.losses:
-            assert torch.allclose(oa.losses[name], ob.losses[name], rtol=1e-5, atol=1e-7), name
-        assert torch.equal(oa.code(), ob.acts)
-        assert torch.equal(oa.fired, ob.fired) and oa.l0 == ob.l0
-        oa.loss.backward()
-        ob.loss.backward()
-        for name, p in a.named_parameters():
-            q = dict(b.named_parameters())[name]
-            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+        assert_paths_agree(a, b, x, dead, None, {"mse", "auxk_loss"})
+
+
+def assert_paths_agree(a, b, x, dead, coeff, terms):
+    """SAE a (sparse path) and b (dense path), the same weights: the same loss terms, code, L0,
+    fired latents and gradients on x."""
+    oa, ob = a(x, dead_mask=dead, sparsity_coeff=coeff), b(x, dead_mask=dead, sparsity_coeff=coeff)
+    assert oa.acts is None and oa.pattern is not None and ob.acts is not None     # the two paths ran
+    assert oa.losses.keys() == ob.losses.keys() == terms
+    for name in oa.losses:
+        assert torch.allclose(oa.losses[name], ob.losses[name], rtol=1e-5, atol=1e-7), name
+    assert torch.equal(oa.code(), ob.acts)
+    assert torch.equal(oa.fired, ob.fired) and oa.l0 == ob.l0
+    oa.loss.backward()
+    ob.loss.backward()
+    for name, p in a.named_parameters():
+        q = dict(b.named_parameters())[name]
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+        assert q.grad.abs().max() > 0, name              # every parameter's gradient is exercised
+    return oa
 
 
 @pytest.mark.parametrize("arch", ["relu", "jumprelu"])
@@ -60,20 +69,8 @@ def test_relu_jumprelu_sparse_path_matches_dense_path_and_falls_back_while_dense
                 s.b_enc.sub_(4.0)                  # a sparse code: ~1.5% of (row, latent) pairs
         dead = torch.zeros(a.d_sae, dtype=torch.bool)
         dead[torch.randperm(a.d_sae, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
-        oa, ob = a(x, dead_mask=dead, sparsity_coeff=0.3), b(x, dead_mask=dead, sparsity_coeff=0.3)
-        assert oa.acts is None and oa.pattern is not None and ob.acts is not None     # the two paths ran
+        oa = assert_paths_agree(a, b, x, dead, 0.3, terms)
         assert 0 < float(oa.l0) < a.d_sae * kernels.MAX_FILL
-        assert oa.losses.keys() == ob.losses.keys() == terms
-        for name in oa.losses:
-            assert torch.allclose(oa.losses[name], ob.losses[name], rtol=1e-5, atol=1e-7), name
-        assert torch.equal(oa.code(), ob.acts)
-        assert torch.equal(oa.fired, ob.fired) and oa.l0 == ob.l0
-        oa.loss.backward()
-        ob.loss.backward()
-        for name, p in a.named_parameters():
-            q = dict(b.named_parameters())[name]
-            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
-            assert q.grad.abs().max() > 0, name          # every parameter's gradient is exercised
     dense = make(arch, sparse=True, **kw)           # make()'s own b_enc: a third or more of the code active
     out = dense(x, sparsity_coeff=0.3)
     assert out.acts is not None and float(out.l0) > dense.d_sae * kernels.MAX_FILL
