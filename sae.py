@@ -301,9 +301,9 @@ class SAE(nn.Module):
             x_c, pre, l0_sum = parts.pop("x_c"), parts.pop("pre"), parts.pop("l0_sum")
             out = SAEOutput(losses={}, **parts)
             if self.arch == "relu":
-                out.losses["l1_loss"] = self._l1(sparsity_coeff) * out.vals.sum() / x.shape[0]
+                out.losses["l1_loss"] = self._lambda(sparsity_coeff) * out.vals.sum() / x.shape[0]
             elif self.arch == "jumprelu" and self.training:
-                out.losses["l0_loss"] = self._l0(sparsity_coeff) * l0_sum / x.shape[0]
+                out.losses["l0_loss"] = self._lambda(sparsity_coeff) * l0_sum / x.shape[0]
         else:
             out, pre = self._forward_dense(x, sparsity_coeff)
         losses = {"mse": F.mse_loss(out.x_hat, x, reduction="sum") / x.shape[0], **out.losses}
@@ -335,10 +335,10 @@ class SAE(nn.Module):
         losses, min_active, l0 = {}, None, None
         if self.arch == "relu":
             acts = pre.relu()
-            losses["l1_loss"] = self._l1(sparsity_coeff) * acts.sum(-1).mean()
+            losses["l1_loss"] = self._lambda(sparsity_coeff) * acts.sum(-1).mean()
         elif self.arch == "jumprelu":
             acts, l0_rows = JumpReLU.apply(pre, self.threshold, self.bandwidth)
-            losses["l0_loss"] = self._l0(sparsity_coeff) * l0_rows.mean()
+            losses["l0_loss"] = self._lambda(sparsity_coeff) * l0_rows.mean()
             l0 = l0_rows.detach().sum() / x.shape[0]
         elif self.arch == "topk":
             with torch.no_grad():
@@ -360,14 +360,13 @@ class SAE(nn.Module):
                 l0 = active.view(torch.uint8).sum(-1, dtype=torch.int32).sum() / x.shape[0]
         return SAEOutput(x_hat=x_hat, losses=losses, acts=acts, l0=l0, fired=fired, min_active=min_active), pre
 
-    def _l0(self, sparsity_coeff):
-        """jumprelu's lambda."""
-        return self.l0_coeff if sparsity_coeff is None else sparsity_coeff
-
-    def _l1(self, sparsity_coeff):
-        """relu's lambda. Its penalty sum_i f_i |W_dec_i| (Anthropic's April 2024 update)
-        is sum_i f_i here: decoder rows are unit norm."""
-        return self.l1_coeff if sparsity_coeff is None else sparsity_coeff
+    def _lambda(self, sparsity_coeff):
+        """lambda: sparsity_coeff (the trainer's schedule) or l1_coeff (relu) / l0_coeff (jumprelu).
+        relu's penalty sum_i f_i |W_dec_i| (Anthropic's April 2024 update) is sum_i f_i here:
+        decoder rows are unit norm."""
+        if sparsity_coeff is not None:
+            return sparsity_coeff
+        return self.l1_coeff if self.arch == "relu" else self.l0_coeff
 
     # -- AuxK (Gao et al. 2024, App. A.2) ----------------------------------------
 

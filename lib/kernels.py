@@ -244,32 +244,27 @@ def sparse_forward(sae, x: torch.Tensor) -> dict | None:
         x_c = x - sae.b_dec if sae.apply_b_dec_to_input else x
         pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)
         min_active = None
-        if sae.arch in ("relu", "jumprelu"):
-            if sae.arch == "relu":
-                keep = pre > 0
-            elif sae.training:              # the code and theta's kernel window
-                keep = pre > sae.threshold - sae.bandwidth / 2
-            else:
-                keep = (pre > sae.threshold) & (pre > 0)
-            flat = keep.view(-1).nonzero().squeeze(1)
-            if flat.numel() > MAX_FILL * pre.numel():
-                return None
-            pat, v = SparsePattern.from_flat(flat, B, sae.d_sae), pre.view(-1)[flat]
-        elif sae.arch == "topk" or not sae.training:
-            if sae.arch == "topk":
-                v, i = topk_relu(pre, sae.k)
-                pat, v = SparsePattern.from_topk(i, sae.d_sae), v.reshape(-1)
-            else:       # batchtopk at inference: pre > theta
-                keep = (pre > sae.threshold) & (pre > 0)
-                flat = keep.view(-1).nonzero().squeeze(1)
-                pat, v = SparsePattern.from_flat(flat, B, sae.d_sae), pre.view(-1)[flat]
-        else:           # batchtopk, training: top k*B over the batch (Bussmann et al. 2024)
+        if sae.arch == "topk":
+            v, i = topk_relu(pre, sae.k)
+            pat, v = SparsePattern.from_topk(i, sae.d_sae), v.reshape(-1)
+        elif sae.arch == "batchtopk" and sae.training:      # top k*B over the batch (Bussmann et al. 2024)
             v, flat = topk_relu(pre.view(1, -1), sae.k * B)
             flat, order = flat.view(-1).sort()
             v = v.view(-1).index_select(0, order)
             pat = SparsePattern.from_flat(flat, B, sae.d_sae)
             pos = v[v > 0]
             min_active = pos.min() if pos.numel() else None
+        else:           # a code by comparison: relu pre > 0; jumprelu and batchtopk at inference pre > theta
+            if sae.arch == "relu":
+                keep = pre > 0
+            elif sae.training:              # jumprelu: the code and theta's kernel window
+                keep = pre > sae.threshold - sae.bandwidth / 2
+            else:
+                keep = (pre > sae.threshold) & (pre > 0)
+            flat = keep.view(-1).nonzero().squeeze(1)
+            if sae.arch != "batchtopk" and flat.numel() > MAX_FILL * pre.numel():
+                return None
+            pat, v = SparsePattern.from_flat(flat, B, sae.d_sae), pre.view(-1)[flat]
     vals = _SparseEncode.apply(v, x_c, sae.W_enc, sae.b_enc, b_dec, pat)
     l0_sum = None
     if sae.arch == "jumprelu" and sae.training:
