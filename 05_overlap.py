@@ -96,7 +96,8 @@ def load_saes(dirs: list[Path]) -> tuple[list[SAE], list[str], list[dict]]:
     for d, s in zip(dirs, saes):
         seed = s.metadata.get("seed")
         names.append(f"{s.arch}/s{seed}" if seed is not None else d.name)
-        infos.append({"path": str(d), "arch": s.arch, "d_in": s.d_in, "d_sae": s.d_sae, "k": s.k, "seed": seed})
+        infos.append({"path": str(d), "arch": s.arch, "d_in": s.d_in, "d_sae": s.d_sae, "k": s.k, "seed": seed,
+                      "init": (s.metadata.get("training_config") or {}).get("init")})
         if len(set(names)) < len(names):
             names[-1] = f"{names[-1]}#{len(names)}"
     return saes, names, infos

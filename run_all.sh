@@ -8,11 +8,13 @@
 #
 #   bash run_all.sh                 # modadd model seed 42; sweep; 4 archs x 5 seeds at resid_post
 #   SWEEP=0 bash run_all.sh         # no sweep: the study at STUDY_POST (the configuration the rule picks)
-#   QUICK=1 bash run_all.sh         # smoke run (small model, small sweep, 2 seeds x 2 archs): results/quick/
+#   QUICK=1 bash run_all.sh         # smoke run (small model, small sweep, 2 seeds x 3 archs): results/quick/
 #
 # Variables (space-separated lists):
 #   SEEDS        SAE seeds of the study                 (default "42 123 456 789 1011")
-#   ARCHS        SAE architectures of the study         (default "topk batchtopk relu jumprelu")
+#   ARCHS        SAE architectures of the study; ARCH-INIT trains ARCH with 03's --init INIT
+#                (default "topk batchtopk relu jumprelu topk-data batchtopk-data": the TopK family's
+#                recovery at k 2 depends on where its decoder starts, README "Initialisation")
 #   SITES        modular-addition sites of the study    (default "resid_post"; add resid_mid for the operand site)
 #   SWEEP        1: TopK sweep at resid_post first; 0: skip it (default 1)
 #   SWEEP_K, SWEEP_D, SWEEP_SEEDS   the sweep grid (default k "1 2 3 4 8 16 32", width "128 256 512 1024", seeds "1 2")
@@ -32,7 +34,7 @@ START=$SECONDS
 QUICK=${QUICK:-0}
 if [[ "$QUICK" == 1 ]]; then
     SEEDS=${SEEDS:-"42 123"}
-    ARCHS=${ARCHS:-"topk relu"}
+    ARCHS=${ARCHS:-"topk relu topk-data"}
     SITES=${SITES:-"resid_post"}
     RUNS=${RUNS:-runs/quick}
     RESULTS=${RESULTS:-results/quick}
@@ -46,7 +48,7 @@ if [[ "$QUICK" == 1 ]]; then
     OVERLAP_ARGS=${OVERLAP_ARGS:-"--n-random 1"}
 fi
 SEEDS=${SEEDS:-"42 123 456 789 1011"}
-ARCHS=${ARCHS:-"topk batchtopk relu jumprelu"}
+ARCHS=${ARCHS:-"topk batchtopk relu jumprelu topk-data batchtopk-data"}
 SITES=${SITES:-"resid_post"}
 SWEEP=${SWEEP:-1}
 SWEEP_K=${SWEEP_K:-"1 2 3 4 8 16 32"}
@@ -165,9 +167,10 @@ study() {      # args: acts run sae_root results_root k [d_sae]
     local order=()
     for arch in relu jumprelu batchtopk topk; do [[ " $ARCHS " == *" $arch "* ]] && order+=("$arch"); done
     for arch in $ARCHS; do [[ " ${order[*]} " == *" $arch "* ]] || order+=("$arch"); done
-    for arch in "${order[@]}"; do
+    for arch in "${order[@]}"; do                          # "topk-data": --arch topk --init data
         log "03 $arch k $k d_sae ${d:-default} seeds $SEEDS"
-        job train_saes "$acts" "$root/$arch" "$arch" "$SEEDS" --k "$k" ${d:+--d-sae "$d"}
+        local init=(); [[ "$arch" == *-* ]] && init=(--init "${arch#*-}")
+        job train_saes "$acts" "$root/$arch" "${arch%%-*}" "$SEEDS" --k "$k" ${d:+--d-sae "$d"} "${init[@]}"
     done
     drain
     log "04/05 study"

@@ -77,8 +77,16 @@ def rel(path, base: Path) -> str:
         return str(path)
 
 
+def arch_label(info: dict) -> str:
+    """An SAE's name in the report: its arch, with its init when not 03's default (run_all.sh's
+    ARCHS variant "topk-data" is TopK trained with --init data)."""
+    init = info.get("init")
+    return info["arch"] if init in (None, "tied") else f"{info['arch']}-{init}"
+
+
 def arch_key(a: str):
-    return (ARCH_ORDER.index(a) if a in ARCH_ORDER else 99, a)
+    base = a.split("-")[0]
+    return (ARCH_ORDER.index(base) if base in ARCH_ORDER else 99, a)
 
 
 def site_name(e: dict) -> str:
@@ -89,7 +97,7 @@ def site_name(e: dict) -> str:
 
 
 def config_of(e: dict) -> tuple:
-    return (e["sae"]["arch"], e["sae"].get("k"), e["sae"]["d_sae"])
+    return (arch_label(e["sae"]), e["sae"].get("k"), e["sae"]["d_sae"])
 
 
 # ----------------------------------------------------------------------------
@@ -232,6 +240,15 @@ def goal_lines(rows: dict) -> list[str]:
     return out
 
 
+def init_note(rows: dict) -> list[str]:
+    """What a variant's name means, when the study holds one (arch_label)."""
+    inits = sorted({a.split("-", 1)[1] for (a, _, _) in rows if "-" in a})
+    if not inits:
+        return []
+    return [f"`ARCH-{i}`: the architecture trained with `03_train_sae.py --init {i}`" for i in inits] + \
+           ["(every other row starts from 03's default, `--init tied`).", ""]
+
+
 def sentences(site: str, shares: dict, rows: dict) -> list[str]:
     """What the SAEs found at this site, in words generated from the numbers."""
     out = []
@@ -253,7 +270,7 @@ def sentences(site: str, shares: dict, rows: dict) -> list[str]:
 # The sweep: heatmaps over (k, width)
 
 def sweep_section(es: list, overlaps: list, site: str, base: Path, figdir: Path) -> list[str]:
-    es = [e for e in es if e["sae"]["arch"] == "topk"] or es          # the sweep is TopK's
+    es = [e for e in es if arch_label(e["sae"]) == "topk"] or es      # the sweep is TopK's
     _, rows = answer_rows(es, overlaps)
     feats = feats_of(es)
     if not rows or "answer" not in feats and not feats:
@@ -302,7 +319,7 @@ def sweep_section(es: list, overlaps: list, site: str, base: Path, figdir: Path)
 
 def choose(evals: list, overlaps: list) -> tuple[int, int, float]:
     """CHOOSE_RULE over the sweep's TopK cells: (k, d_sae, answer features recovered by every seed)."""
-    es = [e for e in evals if e["sae"]["arch"] == "topk"]
+    es = [e for e in evals if arch_label(e["sae"]) == "topk"]
     check(bool(es), "no TopK sweep results to choose from")
     _, rows = answer_rows(es, overlaps)
     scored = []
@@ -367,7 +384,7 @@ def overlap_table(overlaps: list) -> list[str]:
              "chance: subspace / isotropic | shared (cos > 0.7 enc & dec) | matched act. corr (random pairs) | r (99% var) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for o in overlaps:
-        archs = sorted({s["arch"] for s in o["saes"]}, key=arch_key)
+        archs = sorted({arch_label(s) for s in o["saes"]}, key=arch_key)
         s, bs, bi = o["summary"], o.get("baseline_subspace") or {}, o["baseline_isotropic"]
 
         def f(d, k, fmt="{:.3f}"):
@@ -426,7 +443,8 @@ def main(argv=None):
         md += [f"### {site}", ""]
         if study:
             feats, rows = answer_rows(study, ov_study)
-            md += answer_table(feats, rows) + [""] + sentences(site, shares, rows) + [""] + goal_lines(rows) + [""]
+            md += answer_table(feats, rows) + [""] + init_note(rows) + sentences(site, shares, rows) + [""]
+            md += goal_lines(rows) + [""]
         if sweep:
             md += [f"#### Where in (k, width) TopK finds them at {site}", ""]
             md += sweep_section(sweep, ov_sweep, site, base, base / "figures")
@@ -434,7 +452,7 @@ def main(argv=None):
         detail += modadd_table(study or es) + [""]
         if ov_study:
             detail += ["Seed-to-seed overlap over all latents:", ""] + overlap_table(ov_study) + [""]
-            detail += [f"![{'+'.join(sorted({s['arch'] for s in o['saes']}))} overlap]"
+            detail += [f"![{'+'.join(sorted({arch_label(s) for s in o['saes']}))} overlap]"
                        f"({rel(o['figures']['heatmaps'], base)})" for o in ov_study if o.get("figures")] + [""]
     if detail:
         md += ["## Details per site", ""] + detail

@@ -24,17 +24,21 @@ def test_run_all_parses_and_rejects_an_unknown_target(tmp_path):
 def test_quick_run_all_end_to_end(tmp_path):
     """QUICK=1 bash run_all.sh from empty directories: model, activations + ground truth, a TopK
     sweep (2 widths x 2 k x 2 seeds in one 03 pass and one 04 call per width; its seed agreement
-    from the evals, no 05), the configuration the rule picks, the study (2 archs x 2 seeds),
+    from the evals, no 05), the configuration the rule picks, the study (topk, relu and topk with
+    --init data, x 2 seeds),
     evaluations, overlaps, REPORT.md; a second call redoes nothing."""
     env = {**os.environ, "QUICK": "1", "RUNS": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "res")}
     res = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(next((tmp_path / "res").rglob("topk-data_seed42/eval.json")).read_text())
+    assert data["sae"]["arch"] == "topk" and data["sae"]["init"] == "data"         # ARCHS's "topk-data"
     md = (tmp_path / "res" / "REPORT.md").read_text()
     assert "## The answer" in md and "sweep_resid_post.png" in md and "study configuration" not in md
     assert (tmp_path / "res" / "figures" / "sweep_resid_post.png").is_file()
     evals = sorted((tmp_path / "res").rglob("eval.json"))
-    assert len(evals) == 8 + 4                                  # sweep 2 x 2 x 2, study 2 archs x 2 seeds
-    assert len(sorted((tmp_path / "res").rglob("overlap.json"))) == 2       # the study's archs
+    assert len(evals) == 8 + 6                                  # sweep 2 x 2 x 2, study 3 archs x 2 seeds
+    assert len(sorted((tmp_path / "res").rglob("overlap.json"))) == 3       # the study's archs
+    assert "| topk-data |" in md
     study = json.loads(next(p for p in evals if "sweep" not in p.parts).read_text())
     assert study["ground_truth"]["features"] and study["downstream"]["heldout"]["rows"] > 0
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.name in ("summary.json", "eval.json",
@@ -44,7 +48,7 @@ def test_quick_run_all_end_to_end(tmp_path):
     assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())      # nothing was redone
 
 
-def fake_eval(arch, seed, ev, l0, answer, chance=0.0, sweep_k=None):
+def fake_eval(arch, seed, ev, l0, answer, chance=0.0, sweep_k=None, init="tied"):
     k, d_sae = (sweep_k, 256) if sweep_k else (3, 384)
     gt = {"features": ["operand", "answer"],
           "tables": {"operand": {"share": 0.068}, "answer": {"share": 0.906}},
@@ -52,7 +56,8 @@ def fake_eval(arch, seed, ev, l0, answer, chance=0.0, sweep_k=None):
                   "operand": {"recovered": 0.5, "mcc": 0.8, "selectivity": 0.5, "plane_share": 0.2, "n_features": 113}},
           "chance": {b: {"answer": {"recovered": chance}, "operand": {"recovered": chance}}
                      for b in ("random_isotropic", "random_pca_subspace", "pca_signed")}}
-    return {"sae": {"arch": arch, "seed": seed, "k": k, "d_sae": d_sae, "path": f"x/{arch}/{seed}/{sweep_k}"},
+    return {"sae": {"arch": arch, "seed": seed, "k": k, "d_sae": d_sae, "init": init,
+                    "path": f"x/{arch}-{init}/{seed}/{sweep_k}"},
             "target": "modadd", "acts": "a.safetensors", "site": {"site": "resid_post", "layer": 0},
             "reconstruction": {"explained_variance": ev},
             "sparsity": {"l0": l0, "dead_fraction": 0.02, "dead_fraction_all_rows": 0.01, "dense_fraction": 0.0},
@@ -94,8 +99,9 @@ def test_choose_rule_prefers_the_most_recovery_among_mostly_live_dictionaries():
     assert choose(evals, [])[:2] == (2, 1024)                   # none is mostly live: all cells compete
 
 
-def fake_overlap(arch, seeds, every, sweep_k=None):
-    return {"saes": [{"arch": arch, "seed": s, "path": f"x/{arch}/{s}/{sweep_k}"} for s in seeds], "acts": "a.safetensors",
+def fake_overlap(arch, seeds, every, sweep_k=None, init="tied"):
+    return {"saes": [{"arch": arch, "seed": s, "init": init, "path": f"x/{arch}-{init}/{s}/{sweep_k}"} for s in seeds],
+            "acts": "a.safetensors",
             "summary": {"pw_mcc": {"mean": 0.7, "std": 0.0, "n": 1}}, "baseline_isotropic": {"pw_mcc": {"mean": 0.3}},
             "baseline_subspace": {"pw_mcc": {"mean": 0.59}}, "pairs": [{}], "effective_subspace": {"r": 18},
             "ground_truth": {"answer": {"every": every, "both": {"mean": every}, "pw_mcc_gt": {"mean": 0.98}},
@@ -123,11 +129,13 @@ def test_report_leads_with_the_answer_and_states_each_goal(tmp_path):
     for s, ans in ((42, 0.97), (123, 0.96)):
         write(site / "eval" / f"topk_seed{s}" / "eval.json", fake_eval("topk", s, 0.95, 3.0, ans))
         write(site / "eval" / f"relu_seed{s}" / "eval.json", fake_eval("relu", s, 0.9, 3.1, 0.5))
+        write(site / "eval" / f"topk-data_seed{s}" / "eval.json", fake_eval("topk", s, 0.96, 3.0, 1.0, init="data"))
         for k in (2, 32):
             write(site / "sweep" / f"k{k}" / "eval" / f"topk_seed{s}" / "eval.json",
                   fake_eval("topk", s, 0.9, k, 0.9 if k == 2 else 0.0, sweep_k=k))
     write(site / "overlap" / "topk" / "overlap.json", fake_overlap("topk", (42, 123), 0.93))
     write(site / "overlap" / "relu" / "overlap.json", fake_overlap("relu", (42, 123), 0.3))
+    write(site / "overlap" / "topk-data" / "overlap.json", fake_overlap("topk", (42, 123), 0.99, init="data"))
     for s in (42, 123):
         write(res / "smollm2" / "eval" / f"topk_seed{s}" / "eval.json", fake_lm_eval("topk", s))
     # A quick-run result that the default report must leave out.
@@ -143,6 +151,12 @@ def test_report_leads_with_the_answer_and_states_each_goal(tmp_path):
     assert "**PASS** topk (k 3, 384 latents): every seed recovers >= 95% of the answer features: lowest seed 96%" in md
     assert "**PASS** topk (k 3, 384 latents): the 2 seeds together recover >= 90% of them: 93%" in md
     assert "**MISS** relu (k 3, 384 latents): every seed recovers >= 95%" in md
+    # a variant of the study (run_all.sh's ARCHS "topk-data"): its own row, after its arch's, named and explained
+    row_t, row_d = md.index("| topk | 3 / 384 | 2 |"), md.index("| topk-data | 3 / 384 | 2 | 50% ± 0% | 40% | 40% |")
+    assert row_t < row_d < md.index("| relu | 3 / 384 | 2 |")
+    assert "| topk-data | 3 / 384 | 2 | 50% ± 0% | 40% | 40% | 0.900 | 100% ± 0% | 99% | 99% | 0.980 |" in md
+    assert "`ARCH-data`: the architecture trained with `03_train_sae.py --init data`" in md
+    assert "**PASS** topk-data (k 3, 384 latents): the 2 seeds together recover >= 90% of them: 99%" in md
     assert "**MISS** relu (k 3, 384 latents): the 2 seeds together recover >= 90% of them: 30%" in md
     assert "topk with k 3 and 384 latents recovers 50% of the 113 operand features" in md
     assert (res / "figures" / "sweep_resid_post.png").is_file() and "sweep_resid_post.png" in md
