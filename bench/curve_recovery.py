@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/curve_recovery.py                                  # TopK k 2 / 512, 5 seeds
     .venv/bin/python bench/curve_recovery.py --arch topk --k 3 --d-sae 384 --steps 6000 --every 1000
+    .venv/bin/python bench/curve_recovery.py --k 2 --d-sae 256 --sae-args="--init data"      # decoder from data rows
 
 Runs 03 with its defaults (the plateau schedule, capped at --steps steps) in pieces of --every
 steps (--stop-after-steps, then --resume: the same run as an unbroken one, bit for bit) and after
@@ -40,6 +41,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=1024, help="03's default on modular addition's 11,492 rows")
     ap.add_argument("--lr", type=float, default=None, help="03's --lr (default: 03's default for the width and batch)")
     ap.add_argument("--threads", type=int, default=None, help="03's --threads")
+    ap.add_argument("--sae-args", default="", help="more 03 flags, e.g. '--init data'")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "curve_recovery")
     a = ap.parse_args()
     if not a.acts.is_file():
@@ -51,7 +53,9 @@ def main():
             "--batch-size", str(a.batch_size), "--quiet"]
     base += ["--lr", str(a.lr)] if a.lr else []
     base += ["--threads", str(a.threads)] if a.threads else []
-    print(f"{a.arch} k {a.k} / {a.d_sae} latents, seeds {' '.join(a.seeds)}, 03 defaults, cap {a.steps} steps")
+    base += a.sae_args.split()
+    print(f"{a.arch} k {a.k} / {a.d_sae} latents, seeds {' '.join(a.seeds)}, 03 defaults{' + ' + a.sae_args if a.sae_args else ''}, "
+          f"cap {a.steps} steps")
     print(f"{'step':>6s} {'answer features recovered per seed (%)':40s} {'lowest':>6s} {'every':>6s} {'EV':>7s} {'s':>6s}")
     step, t0, first = 0, time.perf_counter(), True
     while step < a.steps:

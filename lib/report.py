@@ -263,6 +263,14 @@ def sentences(site: str, shares: dict, rows: dict) -> list[str]:
                         f"seed; random decoders {pct(x['chance'])})")
         if bits:
             out.append(f"{arch} with k {k} and {d_sae} latents recovers " + "; ".join(bits) + ".")
+    for (arch, k, d_sae), r in rows.items():          # a variant beside its architecture's default
+        base, x = rows.get((arch.split("-")[0], k, d_sae)), r["features"].get("answer")
+        if "-" in arch and base and x and "answer" in base["features"]:
+            y = base["features"]["answer"]
+            lo = [min([v for v in z["each"] if v == v], default=None) for z in (x, y)]
+            out.append(f"Started from `--init {arch.split('-', 1)[1]}`, {arch.split('-')[0]} recovers "
+                       f"{pct(lo[0])} of the answer features with its lowest seed and {pct(x['every'])} "
+                       f"with every seed, against {pct(lo[1])} and {pct(y['every'])} from 03's default init.")
     return out
 
 
@@ -436,7 +444,8 @@ def main(argv=None):
         site = site_name(es[0])
         study = [e for e in es if not e["_sweep"]]
         sweep = [e for e in es if e["_sweep"]]
-        ov_study = [o for o in overlaps if not o["_sweep"] and o.get("acts") == acts]
+        ov_study = sorted((o for o in overlaps if not o["_sweep"] and o.get("acts") == acts),
+                          key=lambda o: min(arch_key(arch_label(s)) for s in o["saes"]))
         ov_sweep = [o for o in overlaps if o["_sweep"] and o.get("acts") == acts]
         shares = {n: get(es[0], "ground_truth", "tables", n, "share") for n in get(es[0], "ground_truth", "features",
                                                                                   default=[])}

@@ -1,0 +1,72 @@
+"""Which ground-truth features an SAE misses, and where they went: per SAE, the answer features
+with no decoder row at cos > RECOVERY_COS (lib/ground_truth.py), each with its best latent and
+the feature that latent serves best; and how the SAE's live latents divide up.
+
+    .venv/bin/python bench/missed_features.py runs/modadd/seed42/sae/resid_post/k2_d256/topk/seed*
+
+Reads the SAEs (sae.py) and the ground truth 02 wrote beside --acts; prints, per SAE:
+missed / features, latents matching an answer feature (cos > 0.9), an operand feature, neither
+(live), dead (never in the code on any row), then one line per missed feature.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lib import ground_truth as G  # noqa: E402
+from lib.activations import open_acts  # noqa: E402
+from sae import SAE  # noqa: E402
+
+
+def unit(w: torch.Tensor) -> torch.Tensor:
+    w = w.double()
+    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("saes", nargs="+", type=Path, help="SAE directories (03's output)")
+    ap.add_argument("--acts", type=Path, default=ROOT / "runs" / "modadd" / "seed42" / "acts" / "resid_post.safetensors")
+    ap.add_argument("--feature", default="answer", help="the feature set to audit (default answer)")
+    a = ap.parse_args()
+    if not a.acts.is_file():
+        raise SystemExit(f"--acts {a.acts} is missing (run_all.sh, or 01 + 02, make it)")
+    acts = open_acts(a.acts)
+    gt, _ = G.load_or_fit(acts)
+    feats = {n: unit(t) for n, t in G.ground_truth_features(gt).items()}
+    if a.feature not in feats:
+        raise SystemExit(f"--feature {a.feature}: this site's ground truth has {', '.join(feats)}")
+    x = acts.x.float()                                                    # every row of the p x p grid
+    for d in a.saes:
+        if not d.is_dir():
+            raise SystemExit(f"{d} is not an SAE directory")
+        sae = SAE.load(d)
+        sae.eval()
+        with torch.no_grad():
+            fired = (sae.encode(x) > 0).any(0)
+        W = unit(sae.W_dec.detach())
+        cos = {n: f @ W.T for n, f in feats.items()}                     # [n_features, d_sae]
+        own = cos[a.feature]
+        best = own.max(1)
+        missed = (best.values <= G.RECOVERY_COS).nonzero().flatten().tolist()
+        match = {n: c.max(0).values > G.RECOVERY_COS for n, c in cos.items()}
+        neither = fired.clone()
+        for m in match.values():
+            neither &= ~m
+        roles = ", ".join(f"{n} {int(m.sum())}" for n, m in match.items())
+        print(f"{d}: missed {len(missed)} / {own.shape[0]} {a.feature} features; latents matching {roles}, "
+              f"neither (live) {int(neither.sum())}, dead {int((~fired).sum())} of {sae.d_sae}")
+        for f in missed:
+            j = int(best.indices[f])
+            serves = int(own[:, j].argmax())
+            print(f"   {a.feature} {f}: best latent {j} (cos {float(best.values[f]):.3f}) serves {a.feature} {serves} "
+                  f"(cos {float(own[serves, j]):.3f})")
+
+
+if __name__ == "__main__":
+    main()
