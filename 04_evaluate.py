@@ -333,7 +333,8 @@ def evaluate(args, path: Path, sae: SAE, acts: Acts, out: Path, device, cache: d
     """One SAE's eval.json."""
     meta = sae.metadata
     sae_info = {"path": str(path), "arch": sae.arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
-                "init": (meta.get("training_config") or {}).get("init"), "seed": meta.get("seed"), "hook_name": meta.get("hook_name"), "model_name": meta.get("model_name")}
+                "init": (meta.get("training_config") or {}).get("init"), "seed": meta.get("seed"),
+                "hook_name": meta.get("hook_name"), "model_name": meta.get("model_name")}
     side = acts.sidecar
     result = {"sae": sae_info, "acts": str(acts.path), "inputs": {"sae": str(path), "acts": str(acts.path)},
               "site": {"site": side.get("site"), "layer": side.get("layer"), "hook_name": side.get("hook_name"),
