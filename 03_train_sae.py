@@ -123,7 +123,7 @@ def get_args(argv=None):
     p.add_argument("--init", choices=("tied", "data", "orthogonal"), default="tied",
                    help="decoder rows: random unit vectors (Gao et al. 2024), random data rows minus b_dec "
                         "(sae.SAE.init_from_data_: fewer dead latents on data of low rank, but on modular addition "
-                        "better only at k 2: >= 98% of the answer features with every TopK seed at k 2 / 256, fewer at k 3; "
+                        "better only at k 2: >= 98%% of the answer features with every TopK seed at k 2 / 256, fewer at k 3; "
                         "bench/curve_recovery_init_cpu.txt), or semi-orthogonal; W_enc = W_dec^T in all three")
     p.add_argument("--no-normalize", action="store_true", help="do not scale inputs to unit mean squared norm")
     p.add_argument("--l1-coeff", type=float, default=None,
