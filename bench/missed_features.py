@@ -19,13 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lib import ground_truth as G  # noqa: E402
+from lib import metrics as M  # noqa: E402
 from lib.activations import open_acts  # noqa: E402
 from sae import SAE  # noqa: E402
-
-
-def unit(w: torch.Tensor) -> torch.Tensor:
-    w = w.double()
-    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def main():
@@ -38,7 +34,7 @@ def main():
         raise SystemExit(f"--acts {a.acts} is missing (run_all.sh, or 01 + 02, make it)")
     acts = open_acts(a.acts)
     gt, _ = G.load_or_fit(acts)
-    feats = {n: unit(t) for n, t in G.ground_truth_features(gt).items()}
+    feats = G.ground_truth_features(gt)
     if a.feature not in feats:
         raise SystemExit(f"--feature {a.feature}: this site's ground truth has {', '.join(feats)}")
     x = acts.x.float()                                                    # every row of the p x p grid
@@ -49,8 +45,7 @@ def main():
         sae.eval()
         with torch.no_grad():
             fired = (sae.encode(x) > 0).any(0)
-        W = unit(sae.W_dec.detach())
-        cos = {n: f @ W.T for n, f in feats.items()}                     # [n_features, d_sae]
+        cos = {n: M.cosine_matrix(f, sae.W_dec.detach()) for n, f in feats.items()}    # [n_features, d_sae]
         own = cos[a.feature]
         best = own.max(1)
         missed = (best.values <= G.RECOVERY_COS).nonzero().flatten().tolist()
