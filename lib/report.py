@@ -84,8 +84,14 @@ def arch_label(info: dict) -> str:
     return info["arch"] if init in (None, "tied") else f"{info['arch']}-{init}"
 
 
+def split_label(label: str) -> tuple[str, str | None]:
+    """arch_label's inverse: (arch, init), init None for 03's default."""
+    arch, _, init = label.partition("-")
+    return arch, init or None
+
+
 def arch_key(a: str):
-    base = a.split("-")[0]
+    base = split_label(a)[0]
     return (ARCH_ORDER.index(base) if base in ARCH_ORDER else 99, a)
 
 
@@ -242,7 +248,7 @@ def goal_lines(rows: dict) -> list[str]:
 
 def init_note(rows: dict) -> list[str]:
     """What a variant's name means, when the study holds one (arch_label)."""
-    inits = sorted({a.split("-", 1)[1] for (a, _, _) in rows if "-" in a})
+    inits = sorted({split_label(a)[1] for (a, _, _) in rows} - {None})
     if not inits:
         return []
     return [f"`ARCH-{i}`: the architecture trained with `03_train_sae.py --init {i}`" for i in inits] + \
@@ -263,12 +269,13 @@ def sentences(site: str, shares: dict, rows: dict) -> list[str]:
                         f"seed; random decoders {pct(x['chance'])})")
         if bits:
             out.append(f"{arch} with k {k} and {d_sae} latents recovers " + "; ".join(bits) + ".")
-    for (arch, k, d_sae), r in rows.items():          # a variant beside its architecture's default
-        base, x = rows.get((arch.split("-")[0], k, d_sae)), r["features"].get("answer")
-        if "-" in arch and base and x and "answer" in base["features"]:
+    for (label, k, d_sae), r in rows.items():         # a variant beside its architecture's default
+        arch, init = split_label(label)
+        base, x = rows.get((arch, k, d_sae)), r["features"].get("answer")
+        if init and base and x and "answer" in base["features"]:
             y = base["features"]["answer"]
             lo = [min([v for v in z["each"] if v == v], default=None) for z in (x, y)]
-            out.append(f"Started from `--init {arch.split('-', 1)[1]}`, {arch.split('-')[0]} recovers "
+            out.append(f"Started from `--init {init}`, {arch} recovers "
                        f"{pct(lo[0])} of the answer features with its lowest seed and {pct(x['every'])} "
                        f"with every seed, against {pct(lo[1])} and {pct(y['every'])} from 03's default init.")
     return out
