@@ -59,6 +59,18 @@ def score(acts_path: Path, out: Path) -> dict:
             **{f"rec_{n}": v["recovered"] for n, v in rec.items()}}
 
 
+def parse_configs(run: Path, configs: list[str]) -> list[tuple]:
+    """"site:k:d_sae" strings -> (config, site, k, d_sae, activations file of the model run)."""
+    out = []
+    for cfg in configs:
+        site, k, d = cfg.split(":")
+        acts = run / "acts" / f"resid_{site}.safetensors"
+        if not acts.is_file():
+            raise SystemExit(f"{acts} is missing: extract it with 02_extract_activations.py --site resid_{site}")
+        out.append((cfg, site, int(k), int(d), acts))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "modadd" / "seed42")
@@ -68,14 +80,8 @@ def main():
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_recipe")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more 03 flags for every run")
     a = ap.parse_args()
-    jobs = []
-    for cfg in a.configs:
-        site, k, d = cfg.split(":")
-        acts = a.run / "acts" / f"resid_{site}.safetensors"
-        if not acts.is_file():
-            raise SystemExit(f"{acts} is missing: extract it with 02_extract_activations.py --site resid_{site}")
-        for arch in a.archs:
-            jobs.append((cfg, arch, acts, a.out / f"{site}_k{k}_d{d}" / arch, int(k), int(d)))
+    jobs = [(cfg, arch, acts, a.out / f"{site}_k{k}_d{d}" / arch, k, d)
+            for cfg, site, k, d, acts in parse_configs(a.run, a.configs) for arch in a.archs]
     with ThreadPoolExecutor(a.jobs) as pool:
         secs = list(pool.map(lambda j: train(j[2], j[3], j[1], j[4], j[5], a.extra), jobs))
     rows = [(j, s, score(j[2], j[3])) for j, s in zip(jobs, secs)]

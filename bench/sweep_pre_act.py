@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_recipe import CONFIGS, ROOT, score, train  # noqa: E402
+from bench_recipe import CONFIGS, ROOT, parse_configs, score, train  # noqa: E402
 
 
 def main():
@@ -30,13 +30,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=2, help="03 runs side by side (one torch thread each)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "sweep_pre_act")
     a = ap.parse_args()
-    cells = []
-    for cfg in a.configs:
-        site, k, d = cfg.split(":")
-        acts = a.run / "acts" / f"resid_{site}.safetensors"
-        if not acts.is_file():
-            raise SystemExit(f"{acts} is missing: extract it with 02_extract_activations.py --site resid_{site}")
-        cells += [(cfg, c, acts, a.out / f"{site}_k{k}_d{d}_pa{c}", int(k), int(d)) for c in a.coeffs]
+    cells = [(cfg, c, acts, a.out / f"{site}_k{k}_d{d}_pa{c}", k, d)
+             for cfg, site, k, d, acts in parse_configs(a.run, a.configs) for c in a.coeffs]
     with ThreadPoolExecutor(a.jobs) as pool:
         secs = list(pool.map(lambda c: train(c[2], c[3], "jumprelu", c[4], c[5],
                                              ["--pre-act-coeff", c[1], "--seed", *a.seeds]), cells))
@@ -46,7 +41,7 @@ def main():
           f"{'operand':>7s} {'steps':>6s} {'cell s':>6s}")
     for (cfg, c, acts, out, _, _), s in zip(cells, secs):
         for seed in a.seeds:
-            r = score(acts, out / f"seed{seed}")
+            r = score(acts, out / f"seed{seed}" if len(a.seeds) > 1 else out)    # 03's layout for one seed
             print(f"{cfg:14s} {c:>6s} {seed:>4s} {r['ev']:7.4f} {r['l0']:6.2f} {100 * r['dead']:5.1f}% "
                   f"{100 * r.get('rec_answer', float('nan')):6.1f}% {100 * r.get('rec_operand', float('nan')):6.1f}% "
                   f"{r['steps']:6d} {s:6.0f}")
