@@ -85,7 +85,16 @@ PRE_ACT_COEFF = 1e-3                 # jumprelu's pre-activation loss (inputs at
 
 
 def get_args(argv=None):
+    """03's flags, in the four groups --help shows them in, then checked (one clear line per bad value)."""
     p = ArgumentParser(description="Train a sparse autoencoder (ReLU, TopK, BatchTopK, JumpReLU) on activations.")
+    _sae_args(p.add_argument_group("what is trained: data, architecture, size, start"))
+    _schedule_args(p.add_argument_group("length and learning rate: Adam, the plateau schedule or --tokens"))
+    _sparsity_args(p.add_argument_group("sparsity control (relu, jumprelu) and dead-latent remedies"))
+    _run_args(p.add_argument_group("logging, checkpoints, sharded inputs, metadata, machine"))
+    return check_args(p.parse_args(argv))
+
+
+def _sae_args(p):
     p.add_argument("--acts", required=True, help="activations.safetensors, or a directory holding it")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--arch", choices=ARCHS, default="topk")
@@ -96,6 +105,19 @@ def get_args(argv=None):
     p.add_argument("--expansion", type=float, default=8.0, help="d_sae = expansion * d_in")
     p.add_argument("--d-sae", type=int, nargs="+", default=None,
                    help="number of latents (overrides --expansion); several values train one SAE each")
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="SAE seed (init); several seeds train one SAE each in one pass over the data, "
+                        "in OUT/seed<S>/ (the batch order follows the first seed)")
+    p.add_argument("--init", choices=("tied", "data", "orthogonal"), default="tied",
+                   help="decoder rows: random unit vectors (Gao et al. 2024), random data rows minus b_dec "
+                        "(sae.SAE.init_from_data_: fewer dead latents on data of low rank, but on modular addition "
+                        "better only at k 2: >= 98%% of the answer features with every TopK seed at k 2 / 256, fewer at k 3; "
+                        "bench/curve_recovery_init_cpu.txt), or semi-orthogonal; W_enc = W_dec^T in all three")
+    p.add_argument("--no-normalize", action="store_true", help="do not scale inputs to unit mean squared norm")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the 10%% hold-out when the file has no train_mask")
+
+
+def _schedule_args(p):
     p.add_argument("--lr", type=float, default=None,
                    help="Adam lr (default 6e-4 * sqrt(16384 / d_sae) * sqrt(batch / 4096): 3x the lr scaling of "
                         "Gao et al. 2024 / sparsify, square-root scaled with the batch; bench/sweep_sae_recipe.py)")
@@ -113,20 +135,13 @@ def get_args(argv=None):
                         "by less than --plateau-tol (relative), dead latents stopped reviving, L0 near k")
     p.add_argument("--plateau-tol", type=float, default=0.02)
     p.add_argument("--warmup-steps", type=int, default=100, help="lr warmup of the plateau schedule")
-    p.add_argument("--seed", type=int, nargs="+", default=[0],
-                   help="SAE seed (init); several seeds train one SAE each in one pass over the data, "
-                        "in OUT/seed<S>/ (the batch order follows the first seed)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the 10%% hold-out when the file has no train_mask")
     p.add_argument("--warmup-frac", type=float, default=0.05, help="with --tokens: lr warmup, fraction of steps")
     p.add_argument("--decay-frac", type=float, default=0.2,
                    help="final linear lr decay to 0: a fraction of the steps (--tokens) or of the steps done when "
                         "the plateau is reached")
-    p.add_argument("--init", choices=("tied", "data", "orthogonal"), default="tied",
-                   help="decoder rows: random unit vectors (Gao et al. 2024), random data rows minus b_dec "
-                        "(sae.SAE.init_from_data_: fewer dead latents on data of low rank, but on modular addition "
-                        "better only at k 2: >= 98%% of the answer features with every TopK seed at k 2 / 256, fewer at k 3; "
-                        "bench/curve_recovery_init_cpu.txt), or semi-orthogonal; W_enc = W_dec^T in all three")
-    p.add_argument("--no-normalize", action="store_true", help="do not scale inputs to unit mean squared norm")
+
+
+def _sparsity_args(p):
     p.add_argument("--l1-coeff", type=float, default=None,
                    help="relu: fixed L1 coefficient (default: steered so that L0 approaches --k)")
     p.add_argument("--l1-warmup-frac", type=float, default=0.05,
@@ -149,6 +164,9 @@ def get_args(argv=None):
                         "default PRE_ACT_COEFF, 0 = off)")
     p.add_argument("--dead-tokens", type=int, default=None,
                    help="a latent is dead after this many tokens without firing (default min(10M, train rows))")
+
+
+def _run_args(p):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--eval-rows", type=int, default=8192, help="held-out rows evaluated at each log step")
@@ -170,7 +188,9 @@ def get_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores / processes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases")
-    args = p.parse_args(argv)
+
+
+def check_args(args):
     check(args.lr is None or (args.lr > 0 and math.isfinite(args.lr)), f"--lr must be > 0 (got {args.lr})")
     check(args.batch_size is None or args.batch_size > 0, f"--batch-size must be > 0 (got {args.batch_size})")
     check(all(k > 0 for k in args.k), f"--k must be > 0 (got {' '.join(map(str, args.k))})")
