@@ -6,7 +6,10 @@ the feature that latent serves best; and how the SAE's live latents divide up.
 
 Reads the SAEs (sae.py) and the ground truth 02 wrote beside --acts; prints, per SAE:
 missed / features, latents matching an answer feature (cos > 0.9), an operand feature, neither
-(live), dead (never in the code on any row), then one line per missed feature.
+(live), dead (never in the code on any row), then one line per missed feature, and how the
+missed divide: taken (their best latent is another value's, at cos > 0.9 with it: two values
+share a latent), impure (their best latent is their own, mixed with other directions below 0.9),
+neither.
 """
 from __future__ import annotations
 
@@ -56,11 +59,17 @@ def main():
         roles = ", ".join(f"{n} {int(m.sum())}" for n, m in match.items())
         print(f"{d}: missed {len(missed)} / {own.shape[0]} {a.feature} features; latents matching {roles}, "
               f"neither (live) {int(neither.sum())}, dead {int((~fired).sum())} of {sae.d_sae}")
+        kinds = {"taken": 0, "impure": 0, "neither": 0}
         for f in missed:
             j = int(best.indices[f])
             serves = int(own[:, j].argmax())
+            kinds["impure" if serves == f else "taken" if own[serves, j] > G.RECOVERY_COS else "neither"] += 1
             print(f"   {a.feature} {f}: best latent {j} (cos {float(best.values[f]):.3f}) serves {a.feature} {serves} "
                   f"(cos {float(own[serves, j]):.3f})")
+        if missed:
+            print(f"   of the missed: {kinds['taken']} taken by a latent of another {a.feature} value (cos > "
+                  f"{G.RECOVERY_COS} with it), {kinds['impure']} with a latent of their own below {G.RECOVERY_COS}, "
+                  f"{kinds['neither']} neither")
 
 
 if __name__ == "__main__":
