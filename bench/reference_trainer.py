@@ -1,9 +1,10 @@
-"""Is the study measuring SAEs or our trainer? The TopK family trained a second way, by the
-published recipe of saprmarks/dictionary_learning (trainers/top_k.py, trainers/batch_top_k.py),
-written out plainly here (dense maths, one loop), and scored like 03's SAEs.
+"""Is the study measuring SAEs or our trainer? TopK, BatchTopK and JumpReLU trained a second way, by
+the published recipes of saprmarks/dictionary_learning (trainers/top_k.py, batch_top_k.py,
+jumprelu.py), written out plainly here (dense maths, one loop each), and scored like 03's SAEs.
 
     .venv/bin/python bench/reference_trainer.py                          # topk + batchtopk, k 2 / 256, seeds 1-3
     .venv/bin/python bench/reference_trainer.py --archs batchtopk --seeds 1 2 3 4 5 --jobs 2
+    .venv/bin/python bench/reference_trainer.py --archs jumprelu --k 3 --d-sae 384 --lr 1.96e-3
 
 For each arch and seed it trains (1) 03_train_sae.py with its defaults and (2) the reference
 recipe below on the same SAE-train rows, then prints per run: held-out EV (each arch's
@@ -22,6 +23,9 @@ The reference recipe, dictionary_learning's defaults (Gao et al. 2024; Bussmann 
   * Adam (0.9, 0.999), lr 2e-4 / sqrt(d_sae / 2^14), 1,000 warmup steps, linear decay to 0 over
     the last 20%; gradient parallel to the decoder rows removed, gradient norm clipped at 1,
     decoder rows renormalised each step; a fixed length (--rows).
+JumpReLU's recipe: train_reference_jumprelu's docstring. Its lr, 7e-5, is set for LM runs of 100k+
+steps; over this site's 8M rows it leaves L0 far above k, so --lr sets another (1.96e-3 is 03's
+default at 384 latents, batch 1024).
 What differs from 03 is the point: 03's init, lr, plateau schedule, dead window and AuxK
 details are its own (03's docstring), so agreement means the figure is the SAE's, not 03's.
 """
@@ -118,11 +122,76 @@ def train_reference(x: torch.Tensor, arch: str, k: int, d_sae: int, seed: int, r
                 threshold=threshold, steps=steps)
 
 
+class _JumpReLU(torch.autograd.Function):
+    """f = z H(z - theta) and H(z - theta) in one, with Rajamanoharan et al. 2024's rectangle-kernel
+    pseudo-gradients for theta (written out again here, not sae.JumpReLU: a second implementation)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        on = (z > theta).to(z.dtype)
+        return z * on, on
+
+    @staticmethod
+    def backward(ctx, g_f, g_on):
+        z, theta = ctx.saved_tensors
+        window = ((z - theta).abs() < ctx.eps / 2).to(z.dtype) / ctx.eps
+        d_theta = -(window * (theta * g_f + g_on)).sum(0)
+        return g_f * (z > theta).to(z.dtype), d_theta, None
+
+
+def train_reference_jumprelu(x: torch.Tensor, k: int, d_sae: int, seed: int, rows: int, batch: int,
+                             lr: float | None = None) -> dict:
+    """dictionary_learning's JumpReLU recipe (trainers/jumprelu.py) on rows x [N, d_in] (scaled):
+    W_dec random unit rows, W_enc = W_dec^T, theta = 0.001, no b_dec subtracted from the input;
+    loss |x - x_hat|^2 + (L0 / k - 1)^2 (its target-L0 penalty, coefficient 1, warmed up over
+    2,000 steps); bandwidth 0.001; Adam betas (0, 0.999), lr 7e-5, 1,000 warmup steps, decay
+    over the last 20%; grad parallel to the decoder rows removed, clipped at norm 1, decoder
+    rows renormalised. No dead-latent remedy (it has none)."""
+    g = torch.Generator().manual_seed(seed)
+    n, d_in = x.shape
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).requires_grad_()
+    W_enc = W_dec.detach().t().clone().requires_grad_()
+    b_enc, b_dec = torch.zeros(d_sae, requires_grad=True), torch.zeros(d_in, requires_grad=True)
+    theta = torch.full((d_sae,), 0.001, requires_grad=True)
+    params = [W_enc, b_enc, W_dec, b_dec, theta]
+    steps, warmup = rows // batch, 1000
+    decay_start = int(0.8 * steps)
+    opt = torch.optim.Adam(params, lr=lr or 7e-5, betas=(0.0, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 1.0) if s < decay_start
+                                              else (steps - s) / (steps - decay_start))
+    order, pos = torch.randperm(n, generator=g), 0
+    for step in range(steps):
+        if pos + batch > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        xb = x[order[pos:pos + batch]]
+        pos += batch
+        f, on = _JumpReLU.apply(xb @ W_enc + b_enc, theta, 0.001)
+        l0 = on.sum(-1).mean()
+        loss = (xb - (f @ W_dec + b_dec)).pow(2).sum(-1).mean() + (l0 / k - 1).pow(2) * min(1.0, step / 2000)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            W_dec /= W_dec.norm(dim=1, keepdim=True)
+    return dict(W_enc=W_enc.detach(), b_enc=b_enc.detach(), W_dec=W_dec.detach(), b_dec=b_dec.detach(),
+                threshold=theta.detach(), b_dec_in=False, steps=steps)
+
+
 def infer(w: dict, x: torch.Tensor, arch: str, k: int) -> torch.Tensor:
-    """The inference code [N, d_sae]: top-k per row (topk), pre > threshold (batchtopk)."""
-    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    """The inference code [N, d_sae]: top-k per row (topk), pre > threshold (batchtopk: one
+    threshold; jumprelu: one per latent)."""
+    pre = ((x - w["b_dec"]) if w.get("b_dec_in", True) else x) @ w["W_enc"] + w["b_enc"]
     if arch == "topk":
         return code(pre, "topk", k)
+    if arch == "jumprelu":
+        return torch.where(pre > w["threshold"], pre, 0.0)
     return torch.where(pre > max(w["threshold"], 0.0), pre, 0.0)
 
 
@@ -150,8 +219,12 @@ def run_reference(job: dict) -> dict:
     x = acts.x.float()
     scale = math.sqrt(x.shape[1] / x[acts.train].pow(2).sum(1).mean())      # mean |x|^2 = d_in
     t0 = time.perf_counter()
-    w = train_reference(x[acts.train] * scale, job["arch"], job["k"], job["d_sae"], job["seed"], job["rows"],
-                        job["batch"], job["dead_tokens"])
+    if job["arch"] == "jumprelu":
+        w = train_reference_jumprelu(x[acts.train] * scale, job["k"], job["d_sae"], job["seed"], job["rows"],
+                                     job["batch"], job["lr"])
+    else:
+        w = train_reference(x[acts.train] * scale, job["arch"], job["k"], job["d_sae"], job["seed"], job["rows"],
+                            job["batch"], job["dead_tokens"], job["lr"])
     s = score(w, x * scale, acts.train, job["arch"], job["k"], features(acts, job["feature"])[1])
     return {**job, **s, "steps": w["steps"], "s": time.perf_counter() - t0, "who": "reference"}
 
@@ -171,7 +244,8 @@ def run_03(job: dict) -> dict:
     acts = open_acts(job["acts"])
     x = acts.x.float()
     w = {"W_enc": sae.W_enc.detach(), "b_enc": sae.b_enc.detach(), "W_dec": sae.W_dec.detach(),
-         "b_dec": sae.b_dec.detach(), "threshold": float(sae.threshold[0]) if job["arch"] == "batchtopk" else 0.0}
+         "b_dec": sae.b_dec.detach(), "threshold": {"batchtopk": lambda: float(sae.threshold[0]),
+                                                     "jumprelu": lambda: sae.threshold.detach()}.get(job["arch"], float)()}
     s = score(w, x, acts.train, job["arch"], job["k"], features(acts, job["feature"])[1])
     summ = json.loads((out / "summary.json").read_text())
     return {**job, **s, "steps": summ["steps"], "s": secs, "who": "03"}
@@ -180,12 +254,13 @@ def run_03(job: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--acts", default=str(ROOT / "runs" / "modadd" / "seed42" / "acts" / "resid_post.safetensors"))
-    ap.add_argument("--archs", nargs="+", default=["topk", "batchtopk"], choices=["topk", "batchtopk"])
+    ap.add_argument("--archs", nargs="+", default=["topk", "batchtopk"], choices=["topk", "batchtopk", "jumprelu"])
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--d-sae", type=int, default=256)
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--rows", type=int, default=8_000_000, help="reference: rows trained on (a fixed length)")
     ap.add_argument("--batch", type=int, default=1024, help="reference: batch (03's default on this site)")
+    ap.add_argument("--lr", type=float, default=None, help="reference: lr (default: the recipe's)")
     ap.add_argument("--dead-tokens", type=int, nargs="+", default=[10_000_000, 11_492],
                     help="reference: AuxK's dead window(s), one reference run each (10M: dictionary_learning's; "
                          "11,492: 03's, one pass over this site's train rows)")
@@ -198,21 +273,28 @@ def main():
     if not Path(a.acts).is_file():
         raise SystemExit(f"{a.acts} is missing (run_all.sh, or 01 + 02, make it)")
     feature = features(open_acts(a.acts), a.feature)[0]
-    base = [dict(acts=a.acts, arch=arch, k=a.k, d_sae=a.d_sae, seed=s, rows=a.rows, batch=a.batch, out=a.out,
+    base = [dict(acts=a.acts, arch=arch, k=a.k, d_sae=a.d_sae, seed=s, rows=a.rows, batch=a.batch, out=a.out, lr=a.lr,
                  feature=a.feature)
             for arch in a.archs for s in a.seeds]
     todo = [(run_03, j) for j in base] if a.only in (None, "03") else []
-    todo += [(run_reference, {**j, "dead_tokens": w}) for w in a.dead_tokens for j in base] if a.only in (None, "reference") else []
+    if a.only in (None, "reference"):    # one reference run per dead window for the TopK family, one for jumprelu
+        todo += [(run_reference, {**j, "dead_tokens": w}) for w in a.dead_tokens for j in base
+                 if j["arch"] != "jumprelu" or w == a.dead_tokens[0]]
     print(f"k {a.k} / {a.d_sae} latents on {a.acts}; reference: {a.rows:,} rows, batch {a.batch}, "
-          f"dead window {' and '.join(f'{w:,}' for w in a.dead_tokens)} rows; recovered: {feature} features at cos > "
+          f"dead window {' and '.join(f'{w:,}' for w in a.dead_tokens)} rows (TopK family); recovered: {feature} features at cos > "
           f"{G.RECOVERY_COS}")
     print(f"{'arch':10s} {'trainer':20s} {'seed':>5s} {'EV':>7s} {'L0':>6s} {'dead':>6s} {'recov':>7s} {'steps':>6s} {'s':>5s}")
     # spawn, not fork: the parent has run torch ops, and a forked child can hang in their thread pool
     with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
         res = [f.result() for f in [ex.submit(fn, j) for fn, j in todo]]
+    def label(r):        # the reference's variant: its dead window (TopK family), its lr if not the recipe's
+        if r["who"] == "03":
+            return "03"
+        return " ".join(["reference"] + ([f"{r['dead_tokens']:,}"] if r["arch"] != "jumprelu" else [])
+                        + ([f"lr {r['lr']:g}"] if r["lr"] else []))
     for r in res:
-        r["who"] = r["who"] if r["who"] == "03" else f"reference {r['dead_tokens']:,}"
-    whos = [w for w in ["03"] + [f"reference {t:,}" for t in a.dead_tokens] if any(r["who"] == w for r in res)]
+        r["who"] = label(r)
+    whos = list(dict.fromkeys(r["who"] for r in sorted(res, key=lambda r: r["who"] != "03")))
     for r in sorted(res, key=lambda r: (r["arch"], whos.index(r["who"]), r["seed"])):
         print(f"{r['arch']:10s} {r['who']:20s} {r['seed']:5d} {r['ev']:7.4f} {r['l0']:6.2f} {100 * r['dead']:5.1f}% "
               f"{100 * r['recovered']:6.1f}% {r['steps']:6d} {r['s']:5.0f}")
