@@ -61,33 +61,57 @@ def code(pre: torch.Tensor, arch: str, k: int) -> torch.Tensor:
     return torch.zeros_like(r).flatten().scatter(0, i, v).view_as(r)
 
 
+def _start(d_sae: int, d_in: int, g: torch.Generator):
+    """dictionary_learning's start: W_dec rows random unit vectors, W_enc = W_dec^T, zero biases."""
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).requires_grad_()
+    W_enc = W_dec.detach().t().clone().requires_grad_()
+    return W_enc, torch.zeros(d_sae, requires_grad=True), W_dec, torch.zeros(d_in, requires_grad=True)
+
+
+def _adam(params, lr: float, betas, steps: int):
+    """Adam with 1,000 linear warmup steps and a linear decay to 0 over the last 20% of the steps."""
+    opt = torch.optim.Adam(params, lr=lr, betas=betas)
+    decay_start = int(0.8 * steps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / 1000, 1.0) if s < decay_start else (steps - s) / (steps - decay_start))
+
+
+def _batches(x: torch.Tensor, batch: int, steps: int, g: torch.Generator):
+    """steps batches of rows of x, shuffled passes (a pass's last partial batch is skipped)."""
+    order, pos = torch.randperm(len(x), generator=g), 0
+    for step in range(steps):
+        if pos + batch > len(x):
+            order, pos = torch.randperm(len(x), generator=g), 0
+        yield step, x[order[pos:pos + batch]]
+        pos += batch
+
+
+def _update(loss, opt, sched, params, W_dec) -> None:
+    """Backward; remove the gradient parallel to the decoder rows; clip at norm 1; step; renormalise."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+
+
 def train_reference(x: torch.Tensor, arch: str, k: int, d_sae: int, seed: int, rows: int, batch: int,
                     dead_tokens: int, lr: float | None = None) -> dict:
     """dictionary_learning's TopK / BatchTopK recipe (module docstring) on rows x [N, d_in]
     (already scaled); returns the weights, the inference threshold and the steps taken."""
     g = torch.Generator().manual_seed(seed)
-    n, d_in = x.shape
-    W_dec = torch.randn(d_sae, d_in, generator=g)
-    W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).requires_grad_()
-    W_enc = W_dec.detach().t().clone().requires_grad_()
-    b_enc = torch.zeros(d_sae, requires_grad=True)
-    b_dec = torch.zeros(d_in, requires_grad=True)
-    params = [W_enc, b_enc, W_dec, b_dec]
-    lr = lr or 2e-4 / math.sqrt(d_sae / 2 ** 14)
-    steps, warmup = rows // batch, 1000
-    decay_start = int(0.8 * steps)
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 1.0) if s < decay_start
-                                              else (steps - s) / (steps - decay_start))
+    d_in = x.shape[1]
+    W_enc, b_enc, W_dec, b_dec = params = list(_start(d_sae, d_in, g))
+    steps = rows // batch
+    opt, sched = _adam(params, lr or 2e-4 / math.sqrt(d_sae / 2 ** 14), (0.9, 0.999), steps)
     since_fired = torch.zeros(d_sae, dtype=torch.long)
     threshold, k_aux = -1.0, d_in // 2
-    order = torch.randperm(n, generator=g)
-    pos = 0
-    for step in range(steps):
-        if pos + batch > n:
-            order, pos = torch.randperm(n, generator=g), 0
-        xb = x[order[pos:pos + batch]]
-        pos += batch
+    for step, xb in _batches(x, batch, steps, g):
         if step == 0:
             with torch.no_grad():
                 b_dec.copy_(geometric_median(xb))
@@ -106,15 +130,8 @@ def train_reference(x: torch.Tensor, arch: str, k: int, d_sae: int, seed: int, r
             r = e.detach()
             aux = (r - e_hat).pow(2).sum(-1).mean() / (r - r.mean(0)).pow(2).sum(-1).mean()
             loss = loss + aux.nan_to_num(0.0) / 32
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        _update(loss, opt, sched, params, W_dec)
         with torch.no_grad():
-            W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            W_dec /= W_dec.norm(dim=1, keepdim=True)
             if arch == "batchtopk" and step > 1000:
                 m = float(f[f > 0].min()) if (f > 0).any() else 0.0
                 threshold = m if threshold < 0 else 0.999 * threshold + 0.001 * m
@@ -150,36 +167,16 @@ def train_reference_jumprelu(x: torch.Tensor, k: int, d_sae: int, seed: int, row
     over the last 20%; grad parallel to the decoder rows removed, clipped at norm 1, decoder
     rows renormalised. No dead-latent remedy (it has none)."""
     g = torch.Generator().manual_seed(seed)
-    n, d_in = x.shape
-    W_dec = torch.randn(d_sae, d_in, generator=g)
-    W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).requires_grad_()
-    W_enc = W_dec.detach().t().clone().requires_grad_()
-    b_enc, b_dec = torch.zeros(d_sae, requires_grad=True), torch.zeros(d_in, requires_grad=True)
+    W_enc, b_enc, W_dec, b_dec = _start(d_sae, x.shape[1], g)
     theta = torch.full((d_sae,), 0.001, requires_grad=True)
     params = [W_enc, b_enc, W_dec, b_dec, theta]
-    steps, warmup = rows // batch, 1000
-    decay_start = int(0.8 * steps)
-    opt = torch.optim.Adam(params, lr=lr or 7e-5, betas=(0.0, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 1.0) if s < decay_start
-                                              else (steps - s) / (steps - decay_start))
-    order, pos = torch.randperm(n, generator=g), 0
-    for step in range(steps):
-        if pos + batch > n:
-            order, pos = torch.randperm(n, generator=g), 0
-        xb = x[order[pos:pos + batch]]
-        pos += batch
+    steps = rows // batch
+    opt, sched = _adam(params, lr or 7e-5, (0.0, 0.999), steps)
+    for step, xb in _batches(x, batch, steps, g):
         f, on = _JumpReLU.apply(xb @ W_enc + b_enc, theta, 0.001)
         l0 = on.sum(-1).mean()
         loss = (xb - (f @ W_dec + b_dec)).pow(2).sum(-1).mean() + (l0 / k - 1).pow(2) * min(1.0, step / 2000)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            W_dec /= W_dec.norm(dim=1, keepdim=True)
+        _update(loss, opt, sched, params, W_dec)
     return dict(W_enc=W_enc.detach(), b_enc=b_enc.detach(), W_dec=W_dec.detach(), b_dec=b_dec.detach(),
                 threshold=theta.detach(), b_dec_in=False, steps=steps)
 
