@@ -23,9 +23,8 @@ The reference recipe, dictionary_learning's defaults (Gao et al. 2024; Bussmann 
   * Adam (0.9, 0.999), lr 2e-4 / sqrt(d_sae / 2^14), 1,000 warmup steps, linear decay to 0 over
     the last 20%; gradient parallel to the decoder rows removed, gradient norm clipped at 1,
     decoder rows renormalised each step; a fixed length (--rows).
-JumpReLU's recipe: train_reference_jumprelu's docstring. Its lr, 7e-5, is set for LM runs of 100k+
-steps; over this site's 8M rows it leaves L0 far above k, so --lr sets another (1.96e-3 is 03's
-default at 384 latents, batch 1024).
+JumpReLU's recipe: train_reference_jumprelu's docstring. At its lr, 7e-5, L0 is still 77 (k 3) after
+this site's 8M rows, so --lr sets another (1.96e-3 is 03's default at 384 latents, batch 1024).
 What differs from 03 is the point: 03's init, lr, plateau schedule, dead window and AuxK
 details are its own (03's docstring), so agreement means the figure is the SAE's, not 03's.
 """
