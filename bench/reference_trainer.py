@@ -1,10 +1,12 @@
-"""Is the study measuring SAEs or our trainer? TopK, BatchTopK and JumpReLU trained a second way, by
-the published recipes of saprmarks/dictionary_learning (trainers/top_k.py, batch_top_k.py,
-jumprelu.py), written out plainly here (dense maths, one loop each), and scored like 03's SAEs.
+"""Is the study measuring SAEs or our trainer? All four architectures trained a second way, by the
+published recipes that saprmarks/dictionary_learning implements (trainers/top_k.py, batch_top_k.py,
+jumprelu.py; for ReLU, Anthropic's April 2024 update), written out plainly here (dense maths, one
+loop each), and scored like 03's SAEs.
 
     .venv/bin/python bench/reference_trainer.py                          # topk + batchtopk, k 2 / 256, seeds 1-3
     .venv/bin/python bench/reference_trainer.py --archs batchtopk --seeds 1 2 3 4 5 --jobs 2
     .venv/bin/python bench/reference_trainer.py --archs jumprelu --k 3 --d-sae 384 --lr 1.96e-3
+    .venv/bin/python bench/reference_trainer.py --archs relu --k 3 --d-sae 384 --lr 1.96e-3 --l1 4 5
 
 For each arch and seed it trains (1) 03_train_sae.py with its defaults and (2) the reference
 recipe below on the same SAE-train rows, then prints per run: held-out EV (each arch's
@@ -23,7 +25,8 @@ The reference recipe, dictionary_learning's defaults (Gao et al. 2024; Bussmann 
   * Adam (0.9, 0.999), lr 2e-4 / sqrt(d_sae / 2^14), 1,000 warmup steps, linear decay to 0 over
     the last 20%; gradient parallel to the decoder rows removed, gradient norm clipped at 1,
     decoder rows renormalised each step; a fixed length (--rows).
-JumpReLU's recipe: train_reference_jumprelu's docstring. At its lr, 7e-5, L0 is still 77 (k 3) after
+ReLU's recipe: train_reference_relu's docstring; its l1 is fixed, so --l1 lists values that bracket
+L0 = k. JumpReLU's recipe: train_reference_jumprelu's docstring. At its lr, 7e-5, L0 is still 77 (k 3) after
 this site's 8M rows, so --lr sets another (1.96e-3 is 03's default at 384 latents, batch 1024).
 What differs from 03 is the point: 03's init, lr, plateau schedule, dead window and AuxK
 details are its own (03's docstring), so agreement means the figure is the SAE's, not 03's.
@@ -180,6 +183,33 @@ def train_reference_jumprelu(x: torch.Tensor, k: int, d_sae: int, seed: int, row
                 threshold=theta.detach(), b_dec_in=False, steps=steps)
 
 
+def train_reference_relu(x: torch.Tensor, d_sae: int, seed: int, rows: int, batch: int, lr: float | None,
+                         l1: float) -> dict:
+    """Anthropic's April 2024 ReLU recipe (Conerly et al. 2024, "Training SAEs"): W_dec rows random
+    directions of norm 0.1, W_enc = W_dec^T, no decoder
+    constraint, no b_dec subtracted from the input; loss |x - x_hat|^2 + l1 * sum_i f_i |W_dec_i|,
+    l1 warmed up over the first 5% of the steps; Adam (0.9, 0.999), lr 5e-5, the schedule of _adam,
+    gradient norm clipped at 1. A fixed l1, not steered: its L0 is whatever l1 gives."""
+    g = torch.Generator().manual_seed(seed)
+    W_enc, b_enc, W_dec, b_dec = params = list(_start(d_sae, x.shape[1], g))
+    with torch.no_grad():
+        W_dec.mul_(0.1)
+        W_enc.mul_(0.1)
+    steps = rows // batch
+    opt, sched = _adam(params, lr or 5e-5, (0.9, 0.999), steps)
+    for step, xb in _batches(x, batch, steps, g):
+        f = (xb @ W_enc + b_enc).relu()
+        penalty = (f * W_dec.norm(dim=1)).sum(-1).mean() * l1 * min(1.0, step / (0.05 * steps))
+        loss = (xb - (f @ W_dec + b_dec)).pow(2).sum(-1).mean() + penalty
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+    return dict(W_enc=W_enc.detach(), b_enc=b_enc.detach(), W_dec=W_dec.detach(), b_dec=b_dec.detach(),
+                threshold=0.0, b_dec_in=False, steps=steps)
+
+
 def infer(w: dict, x: torch.Tensor, arch: str, k: int) -> torch.Tensor:
     """The inference code [N, d_sae]: top-k per row (topk), pre > threshold (batchtopk: one
     threshold; jumprelu: one per latent)."""
@@ -188,6 +218,8 @@ def infer(w: dict, x: torch.Tensor, arch: str, k: int) -> torch.Tensor:
         return code(pre, "topk", k)
     if arch == "jumprelu":
         return torch.where(pre > w["threshold"], pre, 0.0)
+    if arch == "relu":
+        return pre.relu()
     return torch.where(pre > max(w["threshold"], 0.0), pre, 0.0)
 
 
@@ -215,7 +247,10 @@ def run_reference(job: dict) -> dict:
     x = acts.x.float()
     scale = math.sqrt(x.shape[1] / x[acts.train].pow(2).sum(1).mean())      # mean |x|^2 = d_in
     t0 = time.perf_counter()
-    if job["arch"] == "jumprelu":
+    if job["arch"] == "relu":
+        w = train_reference_relu(x[acts.train] * scale, job["d_sae"], job["seed"], job["rows"], job["batch"], job["lr"],
+                                 job["l1"])
+    elif job["arch"] == "jumprelu":
         w = train_reference_jumprelu(x[acts.train] * scale, job["k"], job["d_sae"], job["seed"], job["rows"],
                                      job["batch"], job["lr"])
     else:
@@ -250,13 +285,15 @@ def run_03(job: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--acts", default=str(ROOT / "runs" / "modadd" / "seed42" / "acts" / "resid_post.safetensors"))
-    ap.add_argument("--archs", nargs="+", default=["topk", "batchtopk"], choices=["topk", "batchtopk", "jumprelu"])
+    ap.add_argument("--archs", nargs="+", default=["topk", "batchtopk"], choices=["topk", "batchtopk", "jumprelu", "relu"])
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--d-sae", type=int, default=256)
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--rows", type=int, default=8_000_000, help="reference: rows trained on (a fixed length)")
     ap.add_argument("--batch", type=int, default=1024, help="reference: batch (03's default on this site)")
     ap.add_argument("--lr", type=float, default=None, help="reference: lr (default: the recipe's)")
+    ap.add_argument("--l1", type=float, nargs="+", default=[5.0],
+                    help="reference relu: its fixed L1 coefficient(s), one run each (5: Conerly et al. 2024's)")
     ap.add_argument("--dead-tokens", type=int, nargs="+", default=[10_000_000, 11_492],
                     help="reference: AuxK's dead window(s), one reference run each (10M: dictionary_learning's; "
                          "11,492: 03's, one pass over this site's train rows)")
@@ -270,35 +307,37 @@ def main():
         raise SystemExit(f"{a.acts} is missing (run_all.sh, or 01 + 02, make it)")
     feature = features(open_acts(a.acts), a.feature)[0]
     base = [dict(acts=a.acts, arch=arch, k=a.k, d_sae=a.d_sae, seed=s, rows=a.rows, batch=a.batch, out=a.out, lr=a.lr,
-                 feature=a.feature)
-            for arch in a.archs for s in a.seeds]
+                 feature=a.feature, dead_tokens=None) for arch in a.archs for s in a.seeds]
     todo = [(run_03, j) for j in base] if a.only in (None, "03") else []
-    if a.only in (None, "reference"):    # one reference run per dead window for the TopK family, one for jumprelu
+    if a.only in (None, "reference"):    # TopK family: a run per dead window; relu: a run per l1
         todo += [(run_reference, {**j, "dead_tokens": w}) for w in a.dead_tokens for j in base
-                 if j["arch"] != "jumprelu" or w == a.dead_tokens[0]]
+                 if j["arch"] in ("topk", "batchtopk")]
+        todo += [(run_reference, j) for j in base if j["arch"] == "jumprelu"]
+        todo += [(run_reference, {**j, "l1": l1}) for l1 in a.l1 for j in base if j["arch"] == "relu"]
     print(f"k {a.k} / {a.d_sae} latents on {a.acts}; reference: {a.rows:,} rows, batch {a.batch}, "
           f"dead window {' and '.join(f'{w:,}' for w in a.dead_tokens)} rows (TopK family); recovered: {feature} features at cos > "
           f"{G.RECOVERY_COS}")
-    print(f"{'arch':10s} {'trainer':20s} {'seed':>5s} {'EV':>7s} {'L0':>6s} {'dead':>6s} {'recov':>7s} {'steps':>6s} {'s':>5s}")
+    print(f"{'arch':10s} {'trainer':28s} {'seed':>5s} {'EV':>7s} {'L0':>6s} {'dead':>6s} {'recov':>7s} {'steps':>6s} {'s':>5s}")
     # spawn, not fork: the parent has run torch ops, and a forked child can hang in their thread pool
     with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
         res = [f.result() for f in [ex.submit(fn, j) for fn, j in todo]]
-    def label(r):        # the reference's variant: its dead window (TopK family), its lr if not the recipe's
+    def label(r):        # the reference's variant: dead window (TopK family) or l1 (relu), lr if not the recipe's
         if r["who"] == "03":
             return "03"
-        return " ".join(["reference"] + ([f"{r['dead_tokens']:,}"] if r["arch"] != "jumprelu" else [])
-                        + ([f"lr {r['lr']:g}"] if r["lr"] else []))
+        variant = {"topk": lambda: f"{r['dead_tokens']:,}", "batchtopk": lambda: f"{r['dead_tokens']:,}",
+                   "relu": lambda: f"l1 {r['l1']:g}"}.get(r["arch"], lambda: None)()
+        return " ".join(["reference"] + ([variant] if variant else []) + ([f"lr {r['lr']:g}"] if r["lr"] else []))
     for r in res:
         r["who"] = label(r)
     whos = list(dict.fromkeys(r["who"] for r in sorted(res, key=lambda r: r["who"] != "03")))
     for r in sorted(res, key=lambda r: (r["arch"], whos.index(r["who"]), r["seed"])):
-        print(f"{r['arch']:10s} {r['who']:20s} {r['seed']:5d} {r['ev']:7.4f} {r['l0']:6.2f} {100 * r['dead']:5.1f}% "
+        print(f"{r['arch']:10s} {r['who']:28s} {r['seed']:5d} {r['ev']:7.4f} {r['l0']:6.2f} {100 * r['dead']:5.1f}% "
               f"{100 * r['recovered']:6.1f}% {r['steps']:6d} {r['s']:5.0f}")
     for arch in a.archs:
         for who in whos:
             rs = [r for r in res if r["arch"] == arch and r["who"] == who]
             if rs:
-                print(f"{arch:10s} {who:20s} {feature} recovered: lowest seed {100 * min(r['recovered'] for r in rs):.1f}%, "
+                print(f"{arch:10s} {who:28s} {feature} recovered: lowest seed {100 * min(r['recovered'] for r in rs):.1f}%, "
                       f"mean {100 * sum(r['recovered'] for r in rs) / len(rs):.1f}%; EV mean {sum(r['ev'] for r in rs) / len(rs):.4f}")
 
 
