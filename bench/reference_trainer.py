@@ -89,17 +89,20 @@ def _batches(x: torch.Tensor, batch: int, steps: int, g: torch.Generator):
         pos += batch
 
 
-def _update(loss, opt, sched, params, W_dec) -> None:
-    """Backward; remove the gradient parallel to the decoder rows; clip at norm 1; step; renormalise."""
+def _update(loss, opt, sched, params, W_dec=None) -> None:
+    """Backward; with W_dec (unit decoder rows) remove the gradient parallel to them; clip at
+    norm 1; step; renormalise W_dec."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    with torch.no_grad():
-        W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+    if W_dec is not None:
+        with torch.no_grad():
+            W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     sched.step()
-    with torch.no_grad():
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+    if W_dec is not None:
+        with torch.no_grad():
+            W_dec /= W_dec.norm(dim=1, keepdim=True)
 
 
 def train_reference(x: torch.Tensor, arch: str, k: int, d_sae: int, seed: int, rows: int, batch: int,
@@ -201,11 +204,7 @@ def train_reference_relu(x: torch.Tensor, d_sae: int, seed: int, rows: int, batc
         f = (xb @ W_enc + b_enc).relu()
         penalty = (f * W_dec.norm(dim=1)).sum(-1).mean() * l1 * min(1.0, step / (0.05 * steps))
         loss = (xb - (f @ W_dec + b_dec)).pow(2).sum(-1).mean() + penalty
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _update(loss, opt, sched, params)               # no decoder constraint
     return dict(W_enc=W_enc.detach(), b_enc=b_enc.detach(), W_dec=W_dec.detach(), b_dec=b_dec.detach(),
                 threshold=0.0, b_dec_in=False, steps=steps)
 
@@ -275,8 +274,8 @@ def run_03(job: dict) -> dict:
     acts = open_acts(job["acts"])
     x = acts.x.float()
     w = {"W_enc": sae.W_enc.detach(), "b_enc": sae.b_enc.detach(), "W_dec": sae.W_dec.detach(),
-         "b_dec": sae.b_dec.detach(), "threshold": {"batchtopk": lambda: float(sae.threshold[0]),
-                                                     "jumprelu": lambda: sae.threshold.detach()}.get(job["arch"], float)()}
+         "b_dec": sae.b_dec.detach(), "threshold": sae.threshold.detach() if job["arch"] == "jumprelu"
+         else float(sae.threshold[0]) if job["arch"] == "batchtopk" else 0.0}
     s = score(w, x, acts.train, job["arch"], job["k"], features(acts, job["feature"])[1])
     summ = json.loads((out / "summary.json").read_text())
     return {**job, **s, "steps": summ["steps"], "s": secs, "who": "03"}
@@ -324,9 +323,12 @@ def main():
     def label(r):        # the reference's variant: dead window (TopK family) or l1 (relu), lr if not the recipe's
         if r["who"] == "03":
             return "03"
-        variant = {"topk": lambda: f"{r['dead_tokens']:,}", "batchtopk": lambda: f"{r['dead_tokens']:,}",
-                   "relu": lambda: f"l1 {r['l1']:g}"}.get(r["arch"], lambda: None)()
-        return " ".join(["reference"] + ([variant] if variant else []) + ([f"lr {r['lr']:g}"] if r["lr"] else []))
+        words = ["reference"]
+        if r["arch"] in ("topk", "batchtopk"):
+            words.append(f"{r['dead_tokens']:,}")
+        elif r["arch"] == "relu":
+            words.append(f"l1 {r['l1']:g}")
+        return " ".join(words + ([f"lr {r['lr']:g}"] if r["lr"] else []))
     for r in res:
         r["who"] = label(r)
     whos = list(dict.fromkeys(r["who"] for r in sorted(res, key=lambda r: r["who"] != "03")))
