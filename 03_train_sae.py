@@ -614,7 +614,7 @@ def train_step(group: "Group", x: torch.Tensor, step: int, args, dist: Dist, dea
     # latents fired, L0, BatchTopK's smallest kept activation, lambda's steering toward L0 = k
     model.remove_parallel_grad_()                      # Bricken et al. 2023
     opt.step()
-    model.post_step_()                                 # unit-norm decoder rows, theta >= 0
+    model.post_step_()                                 # unit-norm decoder rows (not relu), theta >= 0
     with torch.no_grad():
         for i, (run, out) in enumerate(zip(runs, outs)):
             stats = dist.all_reduce_sum_(torch.cat([out.fired.to(torch.float64), (out.l0 * x.shape[0]).view(1).double()]))
@@ -635,6 +635,7 @@ def finish_run(run: Run, args, acts: Acts, x_held: torch.Tensor, scale: float, d
     sae, sch = run.sae, run.schedule
     steps = sch.end
     sae.fold_input_scale_(scale)
+    sae.fold_decoder_norm_()                           # relu: unit decoder rows, the same function
     sae.eval()
     held = evaluate(sae, x_held.to(dev))
     side = acts.sidecar

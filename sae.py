@@ -9,7 +9,7 @@ All four share one skeleton (Bricken et al. 2023, "Towards Monosemanticity"):
 with W_enc [d_in, d_sae] and W_dec [d_sae, d_in] (one row per latent: its dictionary
 direction). They differ only in sigma and in how sparsity enters the loss:
 
-  relu       f = ReLU(pre)                          L = |x - x_hat|^2 + l1_coeff * sum_i f_i
+  relu       f = ReLU(pre)                          L = |x - x_hat|^2 + l1_coeff * sum_i f_i |W_dec_i|
   topk       f = ReLU(TopK_k(pre)), each row        L = |x - x_hat|^2                        (Gao et al. 2024)
   batchtopk  f = ReLU(TopK_{k*B}(pre)), whole batch L = |x - x_hat|^2                        (Bussmann et al. 2024)
              at inference f = pre * 1[pre > theta]  (theta learned during training)
@@ -21,9 +21,11 @@ and every architecture adds (1/32) * AuxK while some latents are dead (below).
 |.|^2 is summed over d_in and averaged over the batch. The tricks, each where it is used:
   * b_dec is subtracted before encoding and initialised to the geometric median of the
     data (Weiszfeld's algorithm)                                 Bricken et al. 2023
-  * decoder rows have unit norm: the gradient component parallel to each row is removed
-    before the optimiser step and rows are renormalised after it  Bricken et al. 2023
-  * init: random unit-norm decoder rows and W_enc = W_dec^T      Gao et al. 2024
+  * decoder rows have unit norm (all but relu, below): the gradient component parallel to
+    each row is removed before the optimiser step and rows are renormalised after it
+                                                                  Bricken et al. 2023
+  * init: random unit-norm decoder rows (relu: norm 0.1) and W_enc = W_dec^T
+                                                                  Gao et al. 2024
     (or `init="orthogonal"`: a semi-orthogonal W_dec, rows then rescaled to unit norm)
   * AuxK: the k_aux most active *dead* latents reconstruct the residual e = x - x_hat;
     loss |e - e_hat|^2 / |e - mean(e)|^2, coefficient 1/32      Gao et al. 2024 (App. A.2)
@@ -38,10 +40,14 @@ and every architecture adds (1/32) * AuxK while some latents are dead (below).
     row's code does not depend on the rest of its batch         Bussmann et al. 2024
   * JumpReLU's straight-through pseudo-gradients, rectangle kernel of width eps; theta is
     stored as is, not as log theta (see SAE.__init__)           Rajamanoharan et al. 2024
-  * ReLU: the *constrained* recipe (unit-norm decoder + plain L1), with the L1
-    coefficient warmed up from 0 (Conerly et al. 2024, Anthropic's April 2024 update).
-    With |W_dec_i| = 1 the update's sum_i f_i |W_dec_i| equals the plain L1, so both
-    recipes optimise the same objective and nothing needs folding at export.
+  * ReLU: Anthropic's April 2024 recipe (Conerly et al. 2024): decoder rows are *free*
+    (no unit-norm constraint; they start at norm 0.1, W_enc = W_dec^T), the penalty is
+    l1_coeff * sum_i f_i |W_dec_i|, and l1_coeff is warmed up from 0. The objective is the
+    unit-norm one in other units, but Adam gets further through it this way: at k 2 / 256
+    latents on modular addition, held-out EV 0.84 at the plateau where unit rows reach 0.80
+    at the 24M-row cap (resid_post), 0.42 against 0.34 (resid_mid), in about half the
+    steps (bench/relu_param.py). fold_decoder_norm_() makes the rows unit norm at export,
+    the same function, so a saved relu SAE looks like the other three.
   * inputs scaled to unit mean squared norm while training, the scale folded into the
     saved weights (fold_input_scale_)                             Lieberum et al. 2024
   * lr warmup and a final linear decay live in 03_train_sae.py  Conerly et al. 2024
@@ -65,6 +71,7 @@ from lib import kernels, saelens_format
 from lib.common import UserError
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+RELU_INIT_NORM = 0.1      # relu's free decoder rows start at this norm (Conerly et al. 2024)
 
 
 @torch.no_grad()
@@ -178,7 +185,8 @@ class SAE(nn.Module):
         if init == "orthogonal":      # ~a tight frame: orthonormal columns, then unit rows
             q, r = torch.linalg.qr(W_dec)
             W_dec = q * torch.sign(torch.diagonal(r))
-        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+        self.unit_decoder = arch != "relu"                 # relu's rows are free (module docstring)
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * self._init_norm()
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.t().contiguous())     # row-major: optimiser state matches it
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
@@ -195,6 +203,9 @@ class SAE(nn.Module):
             # stored per latent as SAELens's JumpReLU export expects). 0 = not yet set.
             self.register_buffer("threshold", torch.zeros(d_sae))
 
+    def _init_norm(self) -> float:
+        return 1.0 if self.unit_decoder else RELU_INIT_NORM
+
     def extra_repr(self) -> str:
         return f"arch={self.arch}, d_in={self.d_in}, d_sae={self.d_sae}, k={self.k}"
 
@@ -207,14 +218,15 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_from_data_(self, sample: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Decoder rows <- d_sae random rows of the data minus b_dec, unit norm; W_enc = W_dec^T.
+        """Decoder rows <- d_sae random rows of the data minus b_dec, unit norm (relu: its start
+        norm); W_enc = W_dec^T.
         Every latent starts inside the data's span, as dictionary learning starts from training
         samples (Mairal et al. 2010) and as Bricken et al. 2023 resample dead latents: on data of
         low rank (modular addition: 99% of the variance in ~18 of 128 dims) random directions
         mostly point outside it, never win a top-k and die. Call after init_b_dec_."""
         idx = torch.randint(len(sample), (self.d_sae,), generator=generator)
         rows = (sample[idx.to(sample.device)] - self.b_dec.to(sample.device)).float()
-        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12) * self._init_norm()
         self.W_dec.copy_(rows)
         self.W_enc.copy_(rows.t())
 
@@ -222,15 +234,16 @@ class SAE(nn.Module):
     def remove_parallel_grad_(self) -> None:
         """Project out the gradient component along each (unit) decoder row before the
         optimiser step, so the step moves a row's direction, not its norm (Bricken et al.
-        2023). Call after the gradients are final (after any all-reduce)."""
-        if self.W_dec.grad is not None:
+        2023). Call after the gradients are final (after any all-reduce). Not relu: free rows."""
+        if self.W_dec.grad is not None and self.unit_decoder:
             g, w = self.W_dec.grad, self.W_dec
             g.sub_((g * w).sum(1, keepdim=True) * w)
 
     @torch.no_grad()
     def post_step_(self) -> None:
-        """After each optimiser step: decoder rows back to unit norm; JumpReLU theta >= 0."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        """After each optimiser step: decoder rows back to unit norm (not relu); JumpReLU theta >= 0."""
+        if self.unit_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
         if self.arch == "jumprelu":
             self.threshold.clamp_(min=0.0)
 
@@ -251,13 +264,26 @@ class SAE(nn.Module):
     def fold_input_scale_(self, scale: float) -> None:
         """The SAE was trained on s*x; make it take and return x. Pre-activations and the
         code are divided by s (b_enc, b_dec, theta / s; W_enc, W_dec unchanged), so the
-        decoder rows stay unit-norm and the code is in the input's own units. Same maths
+        decoder rows keep their norms and the code is in the input's own units. Same maths
         as SAELens's fold_activation_norm_scaling_factor up to where s sits."""
         s = float(scale)
         self.b_enc.div_(s)
         self.b_dec.div_(s)
         if self.arch in ("jumprelu", "batchtopk"):
             self.threshold.div_(s)
+
+    @torch.no_grad()
+    def fold_decoder_norm_(self) -> None:
+        """relu at export: decoder rows to unit norm, each row's norm n_i moved into its latent
+        (W_enc[:, i] and b_enc[i] times n_i). ReLU commutes with a positive scale, so the code
+        is f_i n_i and x_hat is unchanged; the saved SAE has unit rows like the other three
+        (SAELens's fold_W_dec_norm). No-op for the others."""
+        if self.unit_decoder:
+            return
+        n = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        self.W_dec.div_(n.unsqueeze(1))
+        self.W_enc.mul_(n)
+        self.b_enc.mul_(n)
 
     # -- inference: a row's code depends on that row alone ---------------------
 
@@ -301,7 +327,8 @@ class SAE(nn.Module):
             x_c, pre, l0_sum = parts.pop("x_c"), parts.pop("pre"), parts.pop("l0_sum")
             out = SAEOutput(losses={}, **parts)
             if self.arch == "relu":
-                out.losses["l1_loss"] = self._lambda(sparsity_coeff) * out.vals.sum() / x.shape[0]
+                per_latent = torch.zeros_like(self.b_enc).index_add(0, out.pattern.col, out.vals)
+                out.losses["l1_loss"] = self._l1_loss(per_latent, sparsity_coeff, x.shape[0])
             elif self.arch == "jumprelu" and self.training:
                 out.losses["l0_loss"] = self._lambda(sparsity_coeff) * l0_sum / x.shape[0]
         else:
@@ -335,7 +362,7 @@ class SAE(nn.Module):
         losses, min_active, l0 = {}, None, None
         if self.arch == "relu":
             acts = pre.relu()
-            losses["l1_loss"] = self._lambda(sparsity_coeff) * acts.sum(-1).mean()
+            losses["l1_loss"] = self._l1_loss(acts.sum(0), sparsity_coeff, x.shape[0])
         elif self.arch == "jumprelu":
             acts, l0_rows = JumpReLU.apply(pre, self.threshold, self.bandwidth)
             losses["l0_loss"] = self._lambda(sparsity_coeff) * l0_rows.mean()
@@ -360,10 +387,13 @@ class SAE(nn.Module):
                 l0 = active.view(torch.uint8).sum(-1, dtype=torch.int32).sum() / x.shape[0]
         return SAEOutput(x_hat=x_hat, losses=losses, acts=acts, l0=l0, fired=fired, min_active=min_active), pre
 
+    def _l1_loss(self, per_latent: torch.Tensor, sparsity_coeff, batch: int) -> torch.Tensor:
+        """relu: lambda * sum_i f_i |W_dec_i| averaged over the batch (Conerly et al. 2024);
+        per_latent [d_sae] = sum over the batch's rows of f_i."""
+        return self._lambda(sparsity_coeff) * (per_latent @ self.W_dec.norm(dim=1)) / batch
+
     def _lambda(self, sparsity_coeff):
-        """lambda: sparsity_coeff (the trainer's schedule) or l1_coeff (relu) / l0_coeff (jumprelu).
-        relu's penalty sum_i f_i |W_dec_i| (Anthropic's April 2024 update) is sum_i f_i here:
-        decoder rows are unit norm."""
+        """lambda: sparsity_coeff (the trainer's schedule) or l1_coeff (relu) / l0_coeff (jumprelu)."""
         if sparsity_coeff is not None:
             return sparsity_coeff
         return self.l1_coeff if self.arch == "relu" else self.l0_coeff

@@ -124,8 +124,8 @@ class StackedSAE(nn.Module):
         S, B, d = pre.shape
         extra, l0 = {}, None
         if self.arch == "relu":
-            acts = pre.relu()
-            extra["l1_loss"] = coeff * acts.sum(-1).mean(1)
+            acts = pre.relu()              # sae.SAE._l1_loss: lambda * sum_i f_i |W_dec_i|
+            extra["l1_loss"] = coeff * (acts.sum(1) * self.W_dec.norm(dim=-1)).sum(-1) / B
         elif self.arch == "jumprelu":       # rows first, as JumpReLU sums theta's gradient over dim 0
             acts, l0_rows = JumpReLU.apply(pre.transpose(0, 1), self.threshold, self.bandwidth)    # l0_rows [B, S]
             acts = acts.transpose(0, 1)
@@ -236,13 +236,14 @@ class StackedSAE(nn.Module):
 
     @torch.no_grad()
     def remove_parallel_grad_(self) -> None:
-        if self.W_dec.grad is not None:
+        if self.W_dec.grad is not None and self.arch != "relu":     # relu: free rows (sae.py)
             g, w = self.W_dec.grad, self.W_dec
             g.sub_((g * w).sum(-1, keepdim=True) * w)
 
     @torch.no_grad()
     def post_step_(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        if self.arch != "relu":
+            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         if self.arch == "jumprelu":
             self.threshold.clamp_(min=0.0)
 

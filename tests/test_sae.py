@@ -52,10 +52,11 @@ def test_init_unit_decoder_rows_and_tied_encoder(init):
         assert dev[0] < 0.3 * dev[1]
 
 
-def test_parallel_gradient_removed_and_rows_renormalised():
-    sae = make("relu")
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_parallel_gradient_removed_and_rows_renormalised(arch):
+    sae = make(arch)
     x = data()
-    sae(x).loss.backward()
+    sae(x, sparsity_coeff=0.01).loss.backward()
     sae.remove_parallel_grad_()
     assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
     opt = torch.optim.Adam(sae.parameters(), lr=0.1)
@@ -63,6 +64,34 @@ def test_parallel_gradient_removed_and_rows_renormalised():
     assert (sae.W_dec.norm(dim=1) - 1).abs().max() > 1e-3
     sae.post_step_()
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-6)
+
+
+def test_relu_decoder_rows_are_free_and_folded_to_unit_norm_at_export():
+    """Conerly et al. 2024: relu's rows start at norm 0.1 and are not constrained; at export
+    fold_decoder_norm_ makes them unit norm with the same x_hat (the code scaled by each norm)."""
+    sae = make("relu")
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((sae.d_sae,), 0.1), atol=1e-6)
+    x = data()
+    sae(x).loss.backward()
+    g = sae.W_dec.grad.clone()
+    sae.remove_parallel_grad_()
+    assert torch.equal(sae.W_dec.grad, g)                    # no projection
+    torch.optim.Adam(sae.parameters(), lr=0.1).step()
+    norms = sae.W_dec.norm(dim=1).detach()
+    sae.post_step_()
+    assert torch.equal(sae.W_dec.norm(dim=1).detach(), norms) and (norms - 0.1).abs().max() > 1e-3
+    sae.eval()
+    with torch.no_grad():
+        f, xh = sae.encode(x), sae.decode(sae.encode(x))
+        sae.fold_decoder_norm_()
+        f2, xh2 = sae.encode(x), sae.decode(sae.encode(x))
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-6)
+    assert torch.allclose(f2, f * norms, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(xh2, xh, rtol=1e-4, atol=1e-5)
+    topk = make("topk")
+    w = topk.W_enc.detach().clone()
+    topk.fold_decoder_norm_()                                 # the others: unit rows already, no-op
+    assert torch.equal(topk.W_enc, w)
 
 
 def test_auxk_is_the_normalised_residual_reconstruction_of_dead_latents():
@@ -167,13 +196,14 @@ def test_relu_loss_is_mse_plus_l1():
     x = data()
     out = sae(x)
     f = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).relu()
-    assert torch.allclose(out.losses["l1_loss"], 0.3 * f.sum(1).mean(), rtol=1e-5)
+    assert torch.allclose(out.losses["l1_loss"], 0.3 * (f * sae.W_dec.norm(dim=1)).sum(1).mean(), rtol=1e-5)
+    assert not torch.allclose(out.losses["l1_loss"], 0.3 * f.sum(1).mean(), rtol=1e-2)    # rows at 0.1: weighted
     assert torch.allclose(out.losses["mse"], (f @ sae.W_dec + sae.b_dec - x).pow(2).sum(1).mean(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fold_input_scale(arch):
-    """Trained on s*x, folded: the same code up to a factor 1/s, x_hat in x's units, rows still unit norm."""
+    """Trained on s*x, folded: the same code up to a factor 1/s, x_hat in x's units, rows' norms kept."""
     sae = make(arch)
     sae.eval()
     x, s = data(), 0.37
@@ -185,7 +215,7 @@ def test_fold_input_scale(arch):
     assert torch.equal(f > 0, f_norm > 0)
     assert torch.allclose(f, f_norm / s, rtol=1e-4, atol=1e-5)
     assert torch.allclose(xh, xh_norm / s, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-6)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((sae.d_sae,), sae._init_norm()), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------
