@@ -7,15 +7,15 @@
 Every argument goes to 03 unchanged. Single-SAE runs only (torch.optim.Adam; stacked runs use
 lib/stacked.StackedAdam, which this does not see).
 """
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_recipe import load_trainer  # noqa: E402
+
 norms = []
 _step = torch.optim.Adam.step
 
@@ -28,9 +28,6 @@ def step(self, *a, **kw):
 
 if __name__ == "__main__":
     torch.optim.Adam.step = step
-    spec = importlib.util.spec_from_file_location("train_sae", ROOT / "03_train_sae.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.main(sys.argv[1:])
+    load_trainer().main(sys.argv[1:])
     out = Path(sys.argv[sys.argv.index("--out") + 1])
     (out / "gradnorms.json").write_text(json.dumps(norms))

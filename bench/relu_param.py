@@ -14,7 +14,6 @@ sae.SAE patched (`--unit-rows`), nothing else changed. Scored as bench_recipe.py
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_recipe import ROOT, parse_configs, score, train  # noqa: E402
+from bench_recipe import ROOT, load_trainer, parse_configs, score, train  # noqa: E402
 
 
 def run_03_with_unit_rows(argv: list[str]) -> None:
@@ -39,10 +38,7 @@ def run_03_with_unit_rows(argv: list[str]) -> None:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
             self.W_enc.copy_(self.W_dec.t())
     S.SAE.__init__ = unit_init
-    spec = importlib.util.spec_from_file_location("train_sae", ROOT / "03_train_sae.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.main(argv)
+    load_trainer().main(argv)
 
 
 def main():
@@ -59,9 +55,12 @@ def main():
     cells = [(cfg, acts, k, d, param) for cfg, _, k, d, acts in parse_configs(a.run, a.configs)
              for param in ("free", "unit")]
 
+    def out_dir(cfg: str, param: str) -> Path:
+        return a.out / f"{cfg.replace(':', '_')}_{param}"
+
     def one(cell):
         cfg, acts, k, d, param = cell
-        out = a.out / f"{cfg.replace(':', '_')}_{param}"
+        out = out_dir(cfg, param)
         extra = ["--seed", *a.seeds]
         if param == "unit":          # this file as 03 with the patch; train() prepends 03's path
             t0 = time.perf_counter()
@@ -81,7 +80,7 @@ def main():
           f"{'operand':>7s} {'steps':>6s}  stop")
     for (cfg, acts, k, d, param), s in zip(cells, secs):
         for seed in a.seeds:
-            out = a.out / f"{cfg.replace(':', '_')}_{param}"
+            out = out_dir(cfg, param)
             r = score(acts, out / f"seed{seed}" if len(a.seeds) > 1 else out)
             print(f"{cfg:12s} {param:>5s} {seed:>4s} {r['ev']:7.4f} {r['refit']:6.3f} {r['l0']:5.2f} {r['dead']:6.1%} "
                   f"{r.get('rec_answer', float('nan')):7.1%} {r.get('rec_operand', float('nan')):7.1%} "

@@ -69,6 +69,7 @@ class StackedSAE(nn.Module):
         self.arch, self.S, self.d_sae, self.d_in, self.k = a.arch, len(saes), a.d_sae, a.d_in, a.k
         self.k_aux, self.auxk_coeff, self.bandwidth, self.threshold_ema = a.k_aux, a.auxk_coeff, a.bandwidth, a.threshold_ema
         self.pre_act_coeff = a.pre_act_coeff
+        self.unit_decoder = a.unit_decoder                 # sae.SAE's rule: all but relu
         # the TopK family's CPU / size rule (sae.py); relu and jumprelu stack on the dense path
         self.use_sparse = a.use_sparse if a.arch in ("topk", "batchtopk") else (lambda x: False)
         with torch.no_grad():
@@ -236,13 +237,13 @@ class StackedSAE(nn.Module):
 
     @torch.no_grad()
     def remove_parallel_grad_(self) -> None:
-        if self.W_dec.grad is not None and self.arch != "relu":     # relu: free rows (sae.py)
+        if self.W_dec.grad is not None and self.unit_decoder:
             g, w = self.W_dec.grad, self.W_dec
             g.sub_((g * w).sum(-1, keepdim=True) * w)
 
     @torch.no_grad()
     def post_step_(self) -> None:
-        if self.arch != "relu":
+        if self.unit_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         if self.arch == "jumprelu":
             self.threshold.clamp_(min=0.0)
