@@ -50,7 +50,8 @@ and every architecture adds (1/32) * AuxK while some latents are dead (below).
     the same function, so a saved relu SAE looks like the other three.
   * inputs scaled to unit mean squared norm while training, the scale folded into the
     saved weights (fold_input_scale_)                             Lieberum et al. 2024
-  * lr warmup and a final linear decay live in 03_train_sae.py  Conerly et al. 2024
+  * lr warmup and a final linear decay live in 03_train_sae.py, and so does relu's gradient
+    clipping at norm 1 (clip_grad_norm_)                         Conerly et al. 2024
 
 Speed tricks live beside this file, not in it: lib/kernels.py trains the TopK family, and relu
 and jumprelu once their code is sparse, on the active latents only (one visible call in
@@ -238,6 +239,12 @@ class SAE(nn.Module):
         if self.W_dec.grad is not None and self.unit_decoder:
             g, w = self.W_dec.grad, self.W_dec
             g.sub_((g * w).sum(1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> None:
+        """All gradients scaled so that their global norm is at most max_norm (03 does it for
+        relu, as Conerly et al. 2024 do: a rare outsized step otherwise starts a loss spike)."""
+        torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
 
     @torch.no_grad()
     def post_step_(self) -> None:

@@ -242,6 +242,16 @@ class StackedSAE(nn.Module):
             g.sub_((g * w).sum(-1, keepdim=True) * w)
 
     @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> None:
+        """torch.nn.utils.clip_grad_norm_ per block: each SAE's gradients scaled so that their
+        global norm is at most max_norm (every parameter's leading dim is the block)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+
+    @torch.no_grad()
     def post_step_(self) -> None:
         if self.unit_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))

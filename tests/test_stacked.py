@@ -129,3 +129,29 @@ def test_stacked_adam_is_torch_adam_per_block():
     for s, t in enumerate(twins):
         for name, p in t.named_parameters():
             assert torch.allclose(getattr(stack, name)[s], p, atol=1e-5), name
+
+
+def test_clip_grad_norm_is_torchs_per_block():
+    """Each block clipped to its own global norm, as sae.SAE.clip_grad_norm_ clips one SAE:
+    block 0's gradient (scaled up 100x) is cut to norm 1, block 1's (below 1) is left exactly as is."""
+    saes = make("relu", [3, 3], None)
+    stack = StackedSAE(saes)
+    x = torch.randn(B, D)
+    total, _ = stack(x, None, torch.tensor([0.01, 0.01]))
+    total.backward()
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.grad[0] *= 100 / p.grad[0].norm().clamp_min(1e-6)     # block 0: norm 100 * sqrt(4 params) = 200
+            p.grad[1] *= 0.1 / p.grad[1].norm().clamp_min(1e-6)     # block 1: norm 0.2
+    before = {n: p.grad.clone() for n, p in stack.named_parameters()}
+    for s, sae in enumerate(saes):
+        for n, p in sae.named_parameters():
+            p.grad = before[n][s].clone()
+        sae.clip_grad_norm_(1.0)
+    stack.clip_grad_norm_(1.0)
+    norm0 = torch.stack([p.grad[0].norm() for p in stack.parameters()]).norm()
+    assert float(norm0) == pytest.approx(1.0, rel=1e-5)
+    for n, p in stack.named_parameters():
+        assert torch.equal(p.grad[1], before[n][1]), n
+        for s, sae in enumerate(saes):
+            assert torch.allclose(p.grad[s], dict(sae.named_parameters())[n].grad, rtol=1e-5, atol=1e-8), (s, n)

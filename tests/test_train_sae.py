@@ -268,6 +268,18 @@ def test_deterministic_and_resume_is_bit_identical(arch, k2, tmp_path, trainer, 
     _same_run(tmp_path / "a", tmp_path / "c")                      # stopped at 37 and resumed: the same
 
 
+@pytest.mark.parametrize("arch,flags,clipped", [("relu", [], 1.0), ("relu", ["--max-grad-norm", "0"], None),
+                                                 ("topk", [], None), ("topk", ["--max-grad-norm", "0.5"], 0.5)])
+def test_gradient_clipping_is_relus_default(arch, flags, clipped, k2, tmp_path, trainer, monkeypatch):
+    """relu clips at norm 1 every step (Conerly et al. 2024), the others not unless asked;
+    --max-grad-norm 0 turns it off (the clipping maths: test_stacked / sae.SAE.clip_grad_norm_)."""
+    calls = []
+    monkeypatch.setattr(SAE, "clip_grad_norm_", lambda self, max_norm: calls.append(max_norm))
+    trainer.main([str(a) for a in ("--acts", k2[0], "--out", tmp_path / "run", "--arch", arch, "--expansion", "2",
+                                   "--tokens", 5120, "--stack", "off", *BASE, *flags)])
+    assert calls == ([] if clipped is None else [clipped] * 10)
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(k2, tmp_path):
     acts, _ = k2
@@ -374,6 +386,7 @@ BAD = {   # name: (which --acts, extra flags, expected text)
     "k > d_sae": ("good", ["--k", "600"], "--k 600 exceeds the number of latents d_sae=512"),
     "batch > rows": ("good", ["--batch-size", "100000"], "--batch-size 100000 exceeds"),
     "lr zero": ("good", ["--lr", "0"], "--lr must be > 0"),
+    "max grad norm": ("good", ["--max-grad-norm", "-1"], "--max-grad-norm must be >= 0 (got -1.0)"),
     "lr negative": ("good", ["--lr", "-0.001"], "--lr must be > 0"),
     "unknown arch": ("good", ["--arch", "gated"], "invalid choice: 'gated'"),
     "bad int": ("good", ["--k", "three"], "invalid int value"),
