@@ -135,10 +135,11 @@ def _schedule_args(p):
                         "by less than --plateau-tol (relative), dead latents stopped reviving, L0 near k")
     p.add_argument("--plateau-tol", type=float, default=0.02)
     p.add_argument("--max-grad-norm", type=float, default=None,
-                   help="clip each SAE's gradient to this global norm before the step, 0 = off (default 1 for relu, "
-                        "as Conerly et al. 2024 and SAELens: a rare AuxK step on free decoder rows otherwise sets "
-                        "off a loss spike, bench/grad_norm_trace.py; off for the rest: TopK's and BatchTopK's norms stay below 0.2, "
-                        "JumpReLU's threshold gradients pass 1 in its first 100 steps, and clipping them would change it)")
+                   help="clip each SAE's gradient to this global norm before the step, 0 = off (default 1 for "
+                        "relu, as Conerly et al. 2024 and SAELens: a rare AuxK step on free decoder rows otherwise "
+                        "sets off a loss spike, bench/grad_norm_trace.py; off for the rest: TopK's and BatchTopK's "
+                        "norms stay below 0.2, JumpReLU's threshold gradients pass 1 in its first 100 steps, and "
+                        "clipping them would change it)")
     p.add_argument("--warmup-steps", type=int, default=100, help="lr warmup of the plateau schedule")
     p.add_argument("--warmup-frac", type=float, default=0.05, help="with --tokens: lr warmup, fraction of steps")
     p.add_argument("--decay-frac", type=float, default=0.2,
@@ -210,7 +211,8 @@ def check_args(args):
     check(args.eval_every > 0 and args.plateau_window > 0 and args.plateau_tol >= 0 and args.warmup_steps >= 0,
           "--eval-every and --plateau-window must be > 0, --plateau-tol and --warmup-steps >= 0")
     check(args.steer_gain is None or args.steer_gain > 0, f"--steer-gain must be > 0 (got {args.steer_gain})")
-    check(args.max_grad_norm is None or args.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (got {args.max_grad_norm})")
+    check(args.max_grad_norm is None or args.max_grad_norm >= 0,
+          f"--max-grad-norm must be >= 0 (got {args.max_grad_norm})")
     if args.max_grad_norm is None:                     # the default, resolved here so that config records it
         args.max_grad_norm = 1.0 if args.arch == "relu" else 0.0
     check(0 <= args.warmup_frac < 1 and 0 <= args.decay_frac <= 1 and args.warmup_frac + args.decay_frac <= 1,

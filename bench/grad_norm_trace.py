@@ -5,8 +5,8 @@
         --out /tmp/gn --arch relu --k 2 --d-sae 256 --stop-after-steps 5700 --max-grad-norm 0 [--no-auxk]
 
 Every argument goes to 03 unchanged. The norm is the one Adam sees, after 03's clipping (relu
-clips at 1 by default): --max-grad-norm 0 records the raw gradient. Single-SAE runs only (torch.optim.Adam; stacked runs use
-lib/stacked.StackedAdam, which this does not see).
+clips at 1 by default): --max-grad-norm 0 records the raw gradient. Single-SAE runs only
+(torch.optim.Adam; stacked runs use lib/stacked.StackedAdam, which this does not see).
 """
 import json
 import sys
