@@ -2,7 +2,7 @@
 # The sae-lens test environment .venv-saelens/ (git-ignored): the real sae-lens, for the
 # round-trip tests in tests/test_interop.py, kept apart from the project's .venv (sae-lens
 # pulls in transformer-lens, pandas, plotly, ... which the project itself never needs).
-# Built once (~2 minutes; torch is the same pinned CPU build as in .venv); later calls
+# Built once (~1 minute; torch is the same pinned CPU build as in .venv, linked from it); later calls
 # return at once. Rebuilt from scratch when this script, tests/saelens-constraints.txt (the
 # pins: sae-lens itself, torch==2.13.0 and every other package) or the Python version change;
 # a build that was cut short leaves no stamp, so the next call starts it again.
@@ -20,9 +20,40 @@ built && exit 0
 exec 9>"$VENV.lock"
 if command -v flock >/dev/null; then flock 9; fi
 built && exit 0
-echo "[saelens-env] building $VENV with sae-lens (once; ~2 minutes)" >&2
+echo "[saelens-env] building $VENV with sae-lens (once; ~1 minute)" >&2
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
+# Every package that the project's .venv already holds at the version pinned here (torch,
+# transformers, numpy, ... about 70 of them) is hard-linked from it: the same wheel's files,
+# which pip then counts as installed, so it unpacks only the rest (sae-lens, transformer-lens,
+# plotly, ...). Without a .venv, or for a version that differs, pip installs it as usual.
+"$VENV/bin/python" - <<'PY'
+import glob, os, re, shutil, sys
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+pins = dict(line.strip().split("==") for line in open("tests/saelens-constraints.txt") if "==" in line
+            and not line.startswith("#"))
+pins = {norm(name): version for name, version in pins.items()}
+rel = f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+src, dst = os.path.join(".venv", rel), os.path.join(sys.prefix, rel)
+linked = []
+for info in glob.glob(os.path.join(src, "*.dist-info")):
+    name, version = os.path.basename(info)[: -len(".dist-info")].rsplit("-", 1)
+    if pins.get(norm(name)) != version.split("+")[0]:      # torch 2.13.0+cpu is the pin 2.13.0
+        continue
+    for line in open(os.path.join(info, "RECORD")):
+        path = line.rsplit(",", 2)[0]
+        if not path or path.startswith(".."):      # console scripts name .venv's python: not linked
+            continue
+        os.makedirs(os.path.dirname(os.path.join(dst, path)), exist_ok=True)
+        try:
+            os.link(os.path.join(src, path), os.path.join(dst, path))
+        except FileExistsError:
+            pass
+        except OSError:                            # another file system: copy
+            shutil.copy2(os.path.join(src, path), os.path.join(dst, path))
+    linked.append(name)
+print(f"[saelens-env] {len(linked)} pinned packages linked from .venv", file=sys.stderr)
+PY
 log=$VENV/pip-install.log
 if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -c "$CONSTRAINTS" sae-lens >"$log" 2>&1; then
     grep -v "^WARNING: Location" "$log" | tail -n 30 >&2
