@@ -53,6 +53,12 @@ def _quiet_transformers():
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
         if not isinstance(gguf_utils.tqdm, functools.partial):
             gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+        # transformers maps GGUF tensor names by walking the model and building gguf's
+        # TensorNameMap(arch, n_layers) afresh for each of its ~400 modules: 10 of the 23 s
+        # SmolLM2 takes to load. The map depends on its two arguments only and is only read.
+        import gguf
+        if not hasattr(gguf.get_tensor_name_map, "cache_info"):
+            gguf.get_tensor_name_map = functools.lru_cache(gguf.get_tensor_name_map)
     except Exception:
         pass
 
