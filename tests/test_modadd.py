@@ -26,6 +26,24 @@ def run(*args, check=True):
     return r
 
 
+def run_in_process(capsys, script, *args):
+    """`run(script, *args, check=False)` without a new interpreter (~2 s of imports each):
+    the script's main under run_main, as `python script` calls it. Each bad-input test keeps
+    one real process, for what only a process shows (exit status, no traceback)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from lib.common import run_main
+    spec = importlib.util.spec_from_file_location("stage_" + script[:2], ROOT / script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: mod.main([str(a) for a in args]))
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=e.value.code, stdout=out, stderr=err)
+
+
 def assert_one_line_error(r, *needles):
     assert r.returncode != 0, r.stdout
     assert "Traceback" not in r.stderr, r.stderr
@@ -199,13 +217,14 @@ def test_split_is_deterministic(tiny_run, tmp_path):
 
 # ---------------------------------------------------------------- bad input
 
-def test_bad_input_to_01(tmp_path):
+def test_bad_input_to_01(tmp_path, capsys):
     out = tmp_path / "r"
     assert_one_line_error(run("01_train_transformer.py", "--p", 2, "--out", out, check=False), "--p")
     for frac in ("0", "1", "1.5", "-0.1"):
-        assert_one_line_error(run("01_train_transformer.py", "--train-frac", frac, "--out", out, check=False),
+        assert_one_line_error(run_in_process(capsys, "01_train_transformer.py", "--train-frac", frac, "--out", out),
                               "--train-frac")
-    assert_one_line_error(run("01_train_transformer.py", "--steps", "abc", "--out", out, check=False), "--steps")
+    assert_one_line_error(run_in_process(capsys, "01_train_transformer.py", "--steps", "abc", "--out", out),
+                          "--steps")
     assert not out.exists()
 
 
@@ -216,22 +235,22 @@ def test_finished_run_is_not_overwritten(tiny_run):
     assert (tiny_run / "model.safetensors").read_bytes() == before
 
 
-def test_bad_input_to_02(tiny_run, tmp_path):
+def test_bad_input_to_02(tiny_run, tmp_path, capsys):
     out = tmp_path / "acts.safetensors"
     out.write_bytes(b"earlier result")
     assert_one_line_error(run("02_extract_activations.py", "--run", tmp_path / "nope", "--out", out, check=False),
                           "--run")
-    assert_one_line_error(run("02_extract_activations.py", "--run", tiny_run, "--site", "resid_mad",
-                              "--out", out, check=False), "--site")
-    assert_one_line_error(run("02_extract_activations.py", "--run", tiny_run, "--layer", 5, "--out", out,
-                              check=False), "--layer")
-    assert_one_line_error(run("02_extract_activations.py", "--run", tiny_run, "--out", out, check=False),
+    assert_one_line_error(run_in_process(capsys, "02_extract_activations.py", "--run", tiny_run, "--site", "resid_mad",
+                                         "--out", out), "--site")
+    assert_one_line_error(run_in_process(capsys, "02_extract_activations.py", "--run", tiny_run, "--layer", 5,
+                                         "--out", out), "--layer")
+    assert_one_line_error(run_in_process(capsys, "02_extract_activations.py", "--run", tiny_run, "--out", out),
                           "--overwrite")
     bad = tmp_path / "badrun"
     bad.mkdir()
     (bad / "config.json").write_text((tiny_run / "config.json").read_text())
     (bad / "model.safetensors").write_text("this is not safetensors")
-    assert_one_line_error(run("02_extract_activations.py", "--run", bad, "--out", tmp_path / "z.safetensors",
-                              check=False), "model.safetensors", "safetensors")
+    assert_one_line_error(run_in_process(capsys, "02_extract_activations.py", "--run", bad,
+                                         "--out", tmp_path / "z.safetensors"), "model.safetensors", "safetensors")
     assert out.read_bytes() == b"earlier result"
     assert not (tmp_path / "z.safetensors").exists()
