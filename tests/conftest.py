@@ -1,9 +1,12 @@
 """Shared test fixtures: data made from a known sparse dictionary."""
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,6 +17,31 @@ if str(ROOT) not in sys.path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer end-to-end runs (still run in CI)")
     config.addinivalue_line("filterwarnings", "ignore:Sparse CSR tensor support is in beta")
+
+
+_STAGES: dict = {}
+
+
+def load_stage(script: str):
+    """A top-level stage script ("03_train_sae.py") as a module, loaded once per session: its
+    imports cost seconds. Tests that patch it do so through monkeypatch, which undoes the patch."""
+    if script not in _STAGES:
+        spec = importlib.util.spec_from_file_location("stage_" + Path(script).stem, ROOT / script)
+        _STAGES[script] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_STAGES[script])
+    return _STAGES[script]
+
+
+def run_stage(capsys, script: str, *args) -> SimpleNamespace:
+    """`python script *args` without a new interpreter: its main under run_main, as the script's
+    own `__main__` calls it. Returns what a process would: returncode, stdout, stderr."""
+    from lib.common import run_main
+    main = load_stage(script).main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main([str(a) for a in args]))
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=e.value.code, stdout=out, stderr=err)
 
 
 def sparse_dictionary_data(n=6000, d=64, n_feat=256, active=3, seed=12345, scale=3.0, offset=True):

@@ -1,7 +1,6 @@
 """04_evaluate.py end to end on tiny inputs: known answers, baselines, bad input, the LM branch."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -16,22 +15,14 @@ from lib import ground_truth as G
 from lib import metrics as M
 from lib import modadd
 from lib.common import UserError, save_json, save_tensors
-from conftest import write_acts
+from conftest import ROOT, load_stage, write_acts
 from sae import SAE
 
-ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.replace(".py", "").replace("0", "s0", 1), ROOT / name)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-EVAL = load_script("04_evaluate.py")
-EXTRACT = load_script("02_extract_activations.py")
+EVAL = load_stage("04_evaluate.py")
+EXTRACT = load_stage("02_extract_activations.py")
 
 
 @pytest.fixture(scope="module")

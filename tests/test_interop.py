@@ -3,7 +3,6 @@
 (03 --wandb, offline) and Hugging Face `datasets` (02 --dataset, local data only)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -17,9 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, sparse_dictionary_data, write_acts
+from conftest import ROOT, load_stage, run_stage, sparse_dictionary_data, write_acts
 from lib import lm
-from lib.common import run_main
 from sae import ARCHS, SAE
 from test_lm import char_tokenizer, tiny_config
 from test_sae import data, make
@@ -27,13 +25,6 @@ from test_sae import data, make
 SAELENS_VERSION = re.search(r"^sae-lens==(\S+)$", (ROOT / "tests" / "saelens-constraints.txt").read_text(),
                             re.M).group(1)
 SAELENS_PYTHON = ROOT / ".venv-saelens" / "bin" / "python"
-
-
-def _module(name, file):
-    spec = importlib.util.spec_from_file_location(name, ROOT / file)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _tail(text, n=3000):
@@ -238,7 +229,7 @@ WORDS = "the king and queen of a far land went to see what the fool had said abo
 
 @pytest.fixture(scope="module")
 def extract():
-    return _module("extract_acts_interop", "02_extract_activations.py")
+    return load_stage("02_extract_activations.py")
 
 
 @pytest.fixture(scope="module")
@@ -313,16 +304,14 @@ def test_dataset_is_streamed(docs_and_model, extract, tmp_path, capsys):
     _, t = _extract(extract, model, tmp_path / "head", "--dataset", d, "--tokens", 124)
     _, t_ref = _extract(extract, model, tmp_path / "ref", "--text", root / "jsonl", "--tokens", 124)
     assert len(t["tokens"]) == 4 and torch.equal(t["activations"], t_ref["activations"])
-    code, err = _call(extract, capsys, model, "--dataset", d, "--out", tmp_path / "all")
+    code, err = _call(capsys, model, "--dataset", d, "--out", tmp_path / "all")
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --dataset {d}: cannot read row"), err
 
 
-def _call(extract, capsys, model, *args):
+def _call(capsys, model, *args):
     """02 as the command line runs it: (exit code, stderr)."""
-    with pytest.raises(SystemExit) as e:
-        run_main(lambda: extract.main([str(a) for a in ("--model", model, "--layer", 0, "--ctx-len", 16,
-                                                        "--quiet", *args)]))
-    return e.value.code, capsys.readouterr().err
+    r = run_stage(capsys, "02_extract_activations.py", "--model", model, "--layer", 0, "--ctx-len", 16, "--quiet", *args)
+    return r.returncode, r.stderr
 
 
 @pytest.mark.parametrize("source,extra,message", [
@@ -333,9 +322,9 @@ def _call(extract, capsys, model, *args):
     ("jsonl", ["--dataset-split", "test"], "cannot be opened ("),
     ("missing_dir", [], "cannot be opened ("),
 ])
-def test_dataset_errors_are_one_line(source, extra, message, docs_and_model, extract, tmp_path, capsys):
+def test_dataset_errors_are_one_line(source, extra, message, docs_and_model, tmp_path, capsys):
     root, _, model = docs_and_model
-    code, err = _call(extract, capsys, model, "--dataset", root / source, *extra, "--out", tmp_path / "out")
+    code, err = _call(capsys, model, "--dataset", root / source, *extra, "--out", tmp_path / "out")
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: --dataset {root / source}: ") and message in err, err
     assert not (tmp_path / "out" / "manifest.json").exists()

@@ -3,7 +3,6 @@ Qwen2 models built here (no download), a char-level tokenizer built here; plus o
 end-to-end run on the packaged SmolLM2 GGUF."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -14,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.common import run_main
-from conftest import ROOT
+from conftest import ROOT, load_stage, run_stage
 
 from lib import activations as A
 from lib import lm
@@ -24,21 +22,14 @@ ARCHS = ("gpt2", "llama", "qwen2")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _module(name, file):
-    spec = importlib.util.spec_from_file_location(name, ROOT / file)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="session")
 def extract():
-    return _module("extract_acts", "02_extract_activations.py")
+    return load_stage("02_extract_activations.py")
 
 
 @pytest.fixture(scope="session")
 def trainer():
-    return _module("train_sae_lm", "03_train_sae.py")
+    return load_stage("03_train_sae.py")
 
 
 def char_tokenizer():
@@ -101,10 +92,9 @@ def run_extract(extract, *args):
     extract.main([str(a) for a in args])
 
 
-def call(fn, capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        run_main(lambda: fn([str(a) for a in args]))
-    return e.value.code, capsys.readouterr().err
+def call(script, capsys, *args):
+    r = run_stage(capsys, script, *args)
+    return r.returncode, r.stderr
 
 
 def load_all(out):
@@ -204,7 +194,7 @@ def test_killed_extraction_resumes_without_duplicating_or_losing_a_token(tiny, c
     run_extract(extract, *base, "--out", part, "--stop-after-shards", 2)
     assert not (part / "manifest.json").exists() and len(list(part.glob("shard-*"))) == 2
     (part / ".shard-r00-00002.safetensors.tmp999").write_bytes(b"half a shard")   # killed mid-write
-    code, err = call(extract.main, capsys, *base, "--out", part)
+    code, err = call("02_extract_activations.py", capsys, *base, "--out", part)
     assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
     run_extract(extract, *base, "--out", part, "--resume", "--stop-after-shards", 1)
     run_extract(extract, *base, "--out", part, "--resume")
@@ -215,12 +205,12 @@ def test_killed_extraction_resumes_without_duplicating_or_losing_a_token(tiny, c
     assert torch.equal(tp["context_index"], torch.arange(mw["n_contexts"]))
     for k in tw:
         assert torch.equal(tp[k], tw[k]), k
-    code, err = call(extract.main, capsys, *base, "--out", part, "--resume")          # finished: refuse
+    code, err = call("02_extract_activations.py", capsys, *base, "--out", part, "--resume")          # finished: refuse
     assert code == 2 and "already holds a finished extraction" in err
     # resuming with other flags is refused
     other = tmp_path / "other"
     run_extract(extract, *base, "--out", other, "--stop-after-shards", 1)
-    code, err = call(extract.main, capsys, *[a if a != 2 else 1 for a in base], "--out", other, "--resume")
+    code, err = call("02_extract_activations.py", capsys, *[a if a != 2 else 1 for a in base], "--out", other, "--resume")
     assert code == 2 and "other flags" in err
 
 
@@ -307,7 +297,7 @@ def test_sae_trains_on_streamed_shards_only_on_train_rows(tiny, corpus, extract,
 
 def test_unknown_model_offline(extract, corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, err = call(extract.main, capsys, "--model", "no-such-org/no-such-model-xyz", "--layer", 0,
+    code, err = call("02_extract_activations.py", capsys, "--model", "no-such-org/no-such-model-xyz", "--layer", 0,
                      "--text", corpus, "--out", tmp_path / "o")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "cannot be found locally" in err and "save_pretrained" in err
@@ -315,14 +305,14 @@ def test_unknown_model_offline(extract, corpus, tmp_path, capsys, monkeypatch):
 
 
 def test_layer_out_of_range(extract, tiny, corpus, tmp_path, capsys):
-    code, err = call(extract.main, capsys, "--model", tiny["gpt2"], "--layer", 3, "--text", corpus,
+    code, err = call("02_extract_activations.py", capsys, "--model", tiny["gpt2"], "--layer", 3, "--text", corpus,
                      "--out", tmp_path / "o")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "out of range for a 3-layer model" in err
 
 
 def test_empty_text_file(extract, tiny, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
-    code, err = call(extract.main, capsys, "--model", tiny["gpt2"], "--layer", 0, "--text", tmp_path / "empty.txt",
+    code, err = call("02_extract_activations.py", capsys, "--model", tiny["gpt2"], "--layer", 0, "--text", tmp_path / "empty.txt",
                      "--out", tmp_path / "o")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "empty" in err
 
@@ -332,7 +322,7 @@ def test_manifest_with_missing_shards(tiny, corpus, extract, trainer, tmp_path, 
     run_extract(extract, "--model", tiny["gpt2"], "--layer", 0, "--text", corpus / "a.txt", "--out", acts,
                 "--ctx-len", 16, "--shard-mb", 0.02, "--quiet")
     next(acts.glob("shard-r00-00001.safetensors")).unlink()
-    code, err = call(trainer.main, capsys, "--acts", acts, "--out", tmp_path / "sae")
+    code, err = call("03_train_sae.py", capsys, "--acts", acts, "--out", tmp_path / "sae")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "missing" in err and "shard-r00-00001" in err
     with pytest.raises(A.UserError, match="missing"):
         A.load_heldout_rows(acts, 10)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import load_stage, run_stage
 from lib import modadd
 from lib.common import load_tensors
 
@@ -24,24 +25,6 @@ def run(*args, check=True):
     if check and r.returncode != 0:
         raise AssertionError(f"{args} failed:\n{r.stdout}\n{r.stderr}")
     return r
-
-
-def run_in_process(capsys, script, *args):
-    """`run(script, *args, check=False)` without a new interpreter (~2 s of imports each):
-    the script's main under run_main, as `python script` calls it. Each bad-input test keeps
-    one real process, for what only a process shows (exit status, no traceback)."""
-    import importlib.util
-    from types import SimpleNamespace
-
-    from lib.common import run_main
-    spec = importlib.util.spec_from_file_location("stage_" + script[:2], ROOT / script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run_main(lambda: mod.main([str(a) for a in args]))
-    out, err = capsys.readouterr()
-    return SimpleNamespace(returncode=e.value.code, stdout=out, stderr=err)
 
 
 def assert_one_line_error(r, *needles):
@@ -125,10 +108,7 @@ def test_a_leaking_batch_is_caught(make_leak):
 
 def test_the_training_script_checks_its_own_batch(monkeypatch):
     """01 must call the guard on the batch it trains on: a leaking batch builder fails the run."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("train01", ROOT / "01_train_transformer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_stage("01_train_transformer.py")
 
     orig = modadd.all_pairs
 
@@ -221,9 +201,9 @@ def test_bad_input_to_01(tmp_path, capsys):
     out = tmp_path / "r"
     assert_one_line_error(run("01_train_transformer.py", "--p", 2, "--out", out, check=False), "--p")
     for frac in ("0", "1", "1.5", "-0.1"):
-        assert_one_line_error(run_in_process(capsys, "01_train_transformer.py", "--train-frac", frac, "--out", out),
+        assert_one_line_error(run_stage(capsys, "01_train_transformer.py", "--train-frac", frac, "--out", out),
                               "--train-frac")
-    assert_one_line_error(run_in_process(capsys, "01_train_transformer.py", "--steps", "abc", "--out", out),
+    assert_one_line_error(run_stage(capsys, "01_train_transformer.py", "--steps", "abc", "--out", out),
                           "--steps")
     assert not out.exists()
 
@@ -240,17 +220,17 @@ def test_bad_input_to_02(tiny_run, tmp_path, capsys):
     out.write_bytes(b"earlier result")
     assert_one_line_error(run("02_extract_activations.py", "--run", tmp_path / "nope", "--out", out, check=False),
                           "--run")
-    assert_one_line_error(run_in_process(capsys, "02_extract_activations.py", "--run", tiny_run, "--site", "resid_mad",
+    assert_one_line_error(run_stage(capsys, "02_extract_activations.py", "--run", tiny_run, "--site", "resid_mad",
                                          "--out", out), "--site")
-    assert_one_line_error(run_in_process(capsys, "02_extract_activations.py", "--run", tiny_run, "--layer", 5,
+    assert_one_line_error(run_stage(capsys, "02_extract_activations.py", "--run", tiny_run, "--layer", 5,
                                          "--out", out), "--layer")
-    assert_one_line_error(run_in_process(capsys, "02_extract_activations.py", "--run", tiny_run, "--out", out),
+    assert_one_line_error(run_stage(capsys, "02_extract_activations.py", "--run", tiny_run, "--out", out),
                           "--overwrite")
     bad = tmp_path / "badrun"
     bad.mkdir()
     (bad / "config.json").write_text((tiny_run / "config.json").read_text())
     (bad / "model.safetensors").write_text("this is not safetensors")
-    assert_one_line_error(run_in_process(capsys, "02_extract_activations.py", "--run", bad,
+    assert_one_line_error(run_stage(capsys, "02_extract_activations.py", "--run", bad,
                                          "--out", tmp_path / "z.safetensors"), "model.safetensors", "safetensors")
     assert out.read_bytes() == b"earlier result"
     assert not (tmp_path / "z.safetensors").exists()

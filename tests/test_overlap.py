@@ -2,7 +2,6 @@
 baselines, subspace baselines above isotropic ones, and one-line errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,13 +12,10 @@ import torch
 
 from lib import metrics as M
 from lib.common import UserError
-from conftest import write_acts
+from conftest import ROOT, load_stage, write_acts
 from sae import SAE
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("s05_overlap", ROOT / "05_overlap.py")
-OVERLAP = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(OVERLAP)
+OVERLAP = load_stage("05_overlap.py")
 
 
 def make_sae(W_dec: torch.Tensor, seed: int, arch: str = "topk", k: int = 4) -> SAE:

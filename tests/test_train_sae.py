@@ -2,7 +2,6 @@
 determinism, and one-line errors for bad input."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lib.common import load_tensor_metadata
-from conftest import ROOT, sparse_dictionary_data, write_acts
+from conftest import ROOT, load_stage, run_stage, sparse_dictionary_data, write_acts
 from sae import SAE
 
 SCRIPT = ROOT / "03_train_sae.py"
@@ -44,10 +43,7 @@ def k2(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trainer():
-    spec = importlib.util.spec_from_file_location("train_sae", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_stage("03_train_sae.py")
 
 
 def metrics(out):
@@ -181,7 +177,7 @@ def test_schedule_stops_a_converged_run_and_not_a_falling_one():
     """The plateau rule (Schedule): a flat held-out loss starts the final decay after 2W evaluations
     and the run ends decay_frac later; a loss still falling 3% an evaluation never triggers it, so
     that run decays only at the cap; nor does a flat loss while dead latents are still reviving."""
-    sched = trainer_module().Schedule
+    sched = load_stage("03_train_sae.py").Schedule
     flat = sched(1e-3, 100_000, 100, 0.2, fixed=False, window=10, tol=0.02)
     for i in range(1, 30):
         flat.update(100 * i, 0.05, 0.01, True)
@@ -227,18 +223,6 @@ def test_default_run_stops_at_its_plateau_and_says_why(k2, tmp_path):
     assert s["heldout"]["ev"] > 0.9 and len(s["heldout_fvu_history"]) >= 10
     m = metrics(tmp_path)
     assert m[-1]["step"] == s["steps"] and m[-1]["lr"] < 0.1 * m[len(m) // 2]["lr"]     # it ended on the decay
-
-
-_TRAINER = None
-
-
-def trainer_module():
-    global _TRAINER
-    if _TRAINER is None:
-        spec = importlib.util.spec_from_file_location("train_sae_sched", SCRIPT)
-        _TRAINER = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_TRAINER)
-    return _TRAINER
 
 
 # ----------------------------------------------------------------------------
@@ -325,12 +309,9 @@ def test_two_processes_match_one(k2, tmp_path):
 # ----------------------------------------------------------------------------
 # bad input: one line, exit 2, nothing written or overwritten
 
-def call(trainer, capsys, *args):
-    from lib.common import run_main
-    with pytest.raises(SystemExit) as e:
-        run_main(lambda: trainer.main([str(a) for a in args]))
-    err = capsys.readouterr().err
-    return e.value.code, err
+def call(capsys, *args):
+    r = run_stage(capsys, "03_train_sae.py", *args)
+    return r.returncode, r.stderr
 
 
 @pytest.fixture(scope="session")
@@ -395,12 +376,12 @@ BAD = {   # name: (which --acts, extra flags, expected text)
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input_one_line_and_nothing_overwritten(case, trainer, capsys, finished, k2, tmp_path):
+def test_bad_input_one_line_and_nothing_overwritten(case, capsys, finished, k2, tmp_path):
     files = _bad_files(tmp_path, k2[0])
     files["good"] = k2[0]
     which, extra, text = BAD[case]
     before = _snapshot(finished)
-    code, err = call(trainer, capsys, "--acts", files[which], "--out", finished, "--overwrite", "--quiet",
+    code, err = call(capsys, "--acts", files[which], "--out", finished, "--overwrite", "--quiet",
                      "--tokens", 5120, *extra)
     assert code == 2
     assert err.startswith("error: ") and err.strip().count("\n") == 0 and text in err, err
@@ -415,22 +396,22 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     assert p.returncode == 2 and p.stderr.strip() == "error: --lr must be > 0 (got -1.0)"
 
 
-def test_finished_run_is_not_overwritten_without_flag(k2, finished, trainer, capsys):
+def test_finished_run_is_not_overwritten_without_flag(k2, finished, capsys):
     before = _snapshot(finished)
-    code, err = call(trainer, capsys, "--acts", k2[0], "--out", finished, "--arch", "topk", "--expansion", "2",
+    code, err = call(capsys, "--acts", k2[0], "--out", finished, "--arch", "topk", "--expansion", "2",
                      "--tokens", 512 * 30, *BASE)
     assert code == 2 and "already holds a finished run" in err and _snapshot(finished) == before
-    code, err = call(trainer, capsys, "--acts", k2[0], "--out", finished, "--resume", "--quiet")
+    code, err = call(capsys, "--acts", k2[0], "--out", finished, "--resume", "--quiet")
     assert code == 2 and "already holds a finished run" in err and _snapshot(finished) == before
 
 
-def test_unfinished_run_needs_resume_or_overwrite_and_flags_must_match(k2, tmp_path, trainer, capsys):
+def test_unfinished_run_needs_resume_or_overwrite_and_flags_must_match(k2, tmp_path, capsys):
     acts, _ = k2
     args = ["--acts", acts, "--out", tmp_path, "--arch", "topk", "--expansion", "2", "--tokens", 512 * 30, *BASE]
     run(*args, "--stop-after-steps", 10)
-    code, err = call(trainer, capsys, *args)
+    code, err = call(capsys, *args)
     assert code == 2 and "unfinished run" in err and "--resume" in err
-    code, err = call(trainer, capsys, *args[:-1], "--lr", "1e-3", "--resume", "--quiet")
+    code, err = call(capsys, *args[:-1], "--lr", "1e-3", "--resume", "--quiet")
     assert code == 2 and "flags differ from the checkpointed run: --lr" in err
     run(*args, "--overwrite")
     assert (tmp_path / "summary.json").exists() and metrics(tmp_path)[0]["step"] == 25
