@@ -53,14 +53,22 @@ def _quiet_transformers():
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
         if not isinstance(gguf_utils.tqdm, functools.partial):
             gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
-        # transformers maps GGUF tensor names by walking the model and building gguf's
-        # TensorNameMap(arch, n_layers) afresh for each of its ~400 modules: 10 of the 23 s
-        # SmolLM2 takes to load. The map depends on its two arguments only and is only read.
-        import gguf
-        if not hasattr(gguf.get_tensor_name_map, "cache_info"):
-            gguf.get_tensor_name_map = functools.lru_cache(gguf.get_tensor_name_map)
     except Exception:
         pass
+
+
+def _cache_gguf_name_map():
+    """transformers maps GGUF tensor names by walking the model and building gguf's
+    TensorNameMap(arch, n_layers) afresh for each of its ~400 modules: 7 of the 22 s SmolLM2
+    takes to load. The map depends on its two arguments only and is only read, so build it once."""
+    try:
+        import functools
+
+        import gguf
+    except ImportError:          # no gguf package: no GGUF files to load
+        return
+    if not hasattr(gguf.get_tensor_name_map, "cache_info"):
+        gguf.get_tensor_name_map = functools.lru_cache(gguf.get_tensor_name_map)
 
 
 def resolve_model(name: str, gguf_file: str | None = None) -> dict:
@@ -115,6 +123,7 @@ def load_model(spec: dict, device="cpu", dtype=torch.float32, tokenizer: bool = 
     kw = {"local_files_only": True}
     if spec.get("gguf_file"):
         kw["gguf_file"] = spec["gguf_file"]
+        _cache_gguf_name_map()
     try:
         model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype, **kw)
     except Exception as e:
