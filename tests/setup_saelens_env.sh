@@ -2,10 +2,11 @@
 # The sae-lens test environment .venv-saelens/ (git-ignored): the real sae-lens, for the
 # round-trip tests in tests/test_interop.py, kept apart from the project's .venv (sae-lens
 # pulls in transformer-lens, pandas, plotly, ... which the project itself never needs).
-# Built once (~1 minute; torch is the same pinned CPU build as in .venv, linked from it); later calls
-# return at once. Rebuilt from scratch when this script, tests/saelens-constraints.txt (the
-# pins: sae-lens itself, torch==2.13.0 and every other package) or the Python version change;
-# a build that was cut short leaves no stamp, so the next call starts it again.
+# Built once (~1 minute: torch is the same pinned CPU build as in .venv, linked from it);
+# later calls return at once. Rebuilt from scratch when this script,
+# tests/saelens-constraints.txt (the pins: sae-lens itself, torch==2.13.0 and every other
+# package) or the Python version change; a build that was cut short leaves no stamp, so the
+# next call starts it again.
 # tests/test_interop.py runs it; by hand:
 #   bash tests/setup_saelens_env.sh && .venv-saelens/bin/python -c "import sae_lens"
 set -euo pipefail
@@ -13,20 +14,23 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv-saelens
 CONSTRAINTS=tests/saelens-constraints.txt
-want=$({ cat tests/setup_saelens_env.sh "$CONSTRAINTS"; "$PY" -c 'import sys; print(sys.version)'; } | sha256sum | cut -d' ' -f1)
+want=$({ cat tests/setup_saelens_env.sh "$CONSTRAINTS"; "$PY" -c 'import sys; print(sys.version)'; } |
+       sha256sum | cut -d' ' -f1)
 built() { [[ -x $VENV/bin/python && "$(cat "$VENV/.setup.sha256" 2>/dev/null)" == "$want" ]]; }
 built && exit 0
-# One builder at a time (two test sessions may start together); the other waits, then finds it built.
+# One builder at a time (two test sessions may start together); the other waits, then
+# finds it built.
 exec 9>"$VENV.lock"
 if command -v flock >/dev/null; then flock 9; fi
 built && exit 0
 echo "[saelens-env] building $VENV with sae-lens (once; ~1 minute)" >&2
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
-# Every package that the project's .venv already holds at the version pinned here (torch,
-# transformers, numpy, ... about 70 of them) is hard-linked from it: the same wheel's files,
-# which pip then counts as installed, so it unpacks only the rest (sae-lens, transformer-lens,
-# plotly, ...). Without a .venv, or for a version that differs, pip installs it as usual.
+# Every package that the project's .venv already holds, whole, at the version pinned here
+# (torch, transformers, numpy, ...: 64 of them) is hard-linked from it: the same wheel's
+# files, which pip then counts as installed, so it unpacks only the rest (sae-lens,
+# transformer-lens, plotly, ...). Without a .venv, for a version that differs, or where a
+# file its RECORD lists is missing from .venv, pip installs the package as usual.
 "$VENV/bin/python" - <<'PY'
 import glob, os, re, shutil, sys
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
@@ -40,9 +44,12 @@ for info in glob.glob(os.path.join(src, "*.dist-info")):
     name, version = os.path.basename(info)[: -len(".dist-info")].rsplit("-", 1)
     if pins.get(norm(name)) != version.split("+")[0]:      # torch 2.13.0+cpu is the pin 2.13.0
         continue
-    for line in open(os.path.join(info, "RECORD")):
-        path = line.rsplit(",", 2)[0]
-        if not path or path.startswith(".."):      # console scripts name .venv's python: not linked
+    paths = [line.rsplit(",", 2)[0] for line in open(os.path.join(info, "RECORD"))]
+    paths = [p for p in paths if p and not p.startswith("..")]   # console scripts name .venv's python
+    if not all(os.path.exists(os.path.join(src, p)) or "__pycache__" in p for p in paths):
+        continue                                   # not whole in .venv: pip installs it
+    for path in paths:
+        if not os.path.exists(os.path.join(src, path)):
             continue
         os.makedirs(os.path.dirname(os.path.join(dst, path)), exist_ok=True)
         try:
