@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The default study, end to end: 01 (train the model) -> 02 (activations and their ground truth)
-# -> a TopK sweep over k and width at resid_post (03 trains each cell's seeds in one pass;
-# 04 scores it against the model's own features) -> the study configuration, chosen from
+# -> a TopK sweep over k and width at resid_post (03 trains a whole width's grid in one pass;
+# 04 and 05 score it against the model's own features) -> the study configuration, chosen from
 # the sweep by lib.report's CHOOSE_RULE -> the four architectures (and TopK, BatchTopK from
 # --init data) x the SAE seeds at each site (03 trains an architecture's seeds in one pass)
 # -> 04 per SAE -> 05 per architecture -> results/REPORT.md, which leads with the answer.
@@ -137,28 +137,22 @@ overlap() {    # args: out_dir sae_dir...
     fi
 }
 
-# The TopK sweep over k x width at one site: each cell's seeds in one 03 pass (stacked), the cells
-# as separate jobs, widest first, so the two slots stay busy to the end (a width's whole grid as one
-# job left one slot idle most of the sweep: width 1024's pass took 34 of its 39.4 min); then
-# one 04 call per width. The seeds' agreement on the ground truth (features every seed recovers)
-# comes from the eval files (lib/report.py), so the sweep needs no 05.
+# The TopK sweep over k x width at one site: a width's whole grid (k x seeds) in one 03 pass and one
+# 04 call; the seeds' agreement on the ground truth (features every seed recovers) comes from the
+# eval files (lib/report.py), so the sweep needs no 05.
 sweep() {      # args: acts sae_root results_root
     local acts=$1 root=$2 res=$3 d k s pairs
-    log "03 sweep: topk, widths $SWEEP_D x k $SWEEP_K, seeds $SWEEP_SEEDS"
-    for d in $(printf '%s\n' $SWEEP_D | sort -rn); do
-        for k in $SWEEP_K; do
-            # shellcheck disable=SC2086
-            job train_saes "$acts" "$root/d$d/k$k" topk "$SWEEP_SEEDS" --k "$k" --d-sae "$d" $SWEEP_ARGS
-        done
+    for d in $(printf '%s\n' $SWEEP_D | sort -rn); do     # widest (slowest) first: the others fill the other slot
+        log "03 sweep: topk, width $d, k $SWEEP_K, seeds $SWEEP_SEEDS"
+        # shellcheck disable=SC2086
+        job train_saes "$acts" "$root/d$d" topk "$SWEEP_SEEDS" --k $SWEEP_K --d-sae "$d" $SWEEP_ARGS
     done
     drain
     log "04 sweep"
     for d in $SWEEP_D; do
         pairs=()
         for k in $SWEEP_K; do for s in $SWEEP_SEEDS; do
-            local sae=$root/d$d/k$k/seed$s
-            (( $(wc -w <<< "$SWEEP_SEEDS") == 1 )) && sae=$root/d$d/k$k
-            pairs+=("$sae" "$res/k${k}_d$d/eval/topk_seed$s/eval.json")
+            pairs+=("$root/d$d/k${k}_seed$s" "$res/k${k}_d$d/eval/topk_seed$s/eval.json")
         done; done
         job evaluate "$acts" --no-model "${pairs[@]}"
     done

@@ -23,7 +23,7 @@ def test_run_all_parses_and_rejects_an_unknown_target(tmp_path):
 
 def test_quick_run_all_end_to_end(tmp_path):
     """QUICK=1 bash run_all.sh from empty directories: model, activations + ground truth, a TopK
-    sweep (2 widths x 2 k x 2 seeds: one 03 pass per cell, one 04 call per width; its seed agreement
+    sweep (2 widths x 2 k x 2 seeds in one 03 pass and one 04 call per width; its seed agreement
     from the evals, no 05), the configuration the rule picks, the study (topk, relu and topk with
     --init data, x 2 seeds),
     evaluations, overlaps, REPORT.md; a second call redoes nothing."""
