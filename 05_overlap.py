@@ -196,23 +196,13 @@ def pair_matrix(n: int, pairs: list, value) -> list:
     return mat
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    saes, names, infos = load_saes(args.saes)
-    d_in, n = saes[0].d_in, len(saes)
-    acts, acts_from = find_acts(args)
-    x = data = gt = basis = None
-    if acts is not None:
-        data = open_acts(acts)
-        check_width(data, d_in, "the SAEs")
-        x = data.sample_rows(args.max_rows)
-        comps, ratio, r = M.pca_basis(x, args.var_frac)
-        basis = comps[:r]
-        if data.kind == "file" and {"a", "b"} <= set(data.labels):
-            gt, gt_from = G.load_or_fit(data)
-    dicts = [{"dec": s.W_dec.detach().double(), "enc": s.W_enc.detach().T.double(),
-              "codes": encode_all(s, x)[0] if x is not None else None} for s in saes]
+METRIC_KEYS = ("mean_max_abs_cos", "pw_mcc", "pw_mcc_abs", "shared_fraction")
 
+
+def compare_pairs(saes, names, dicts, args, basis) -> list[dict]:
+    """Every pair of SAEs: pair_metrics, each beside the chance of random decoders of the same
+    widths (isotropic, and inside the data's effective subspace when there is one)."""
+    d_in, n = saes[0].d_in, len(saes)
     g = torch.Generator().manual_seed(args.seed)
     base_cache = {}
 
@@ -226,35 +216,60 @@ def main(argv=None):
         return base_cache[key]
 
     pairs = []
-    metric_keys = ("mean_max_abs_cos", "pw_mcc", "pw_mcc_abs", "shared_fraction")
     for i, j in itertools.combinations(range(n), 2):
         m = pair_metrics(dicts[i], dicts[j], args.threshold, basis)
         base = baselines(saes[i].d_sae, saes[j].d_sae)
         if "subspace" in base:
-            m["excess_over_subspace"] = {k: m[k] - base["subspace"][k] for k in metric_keys}
+            m["excess_over_subspace"] = {k: m[k] - base["subspace"][k] for k in METRIC_KEYS}
         pairs.append({"a": names[i], "b": names[j], "a_path": str(args.saes[i]), "b_path": str(args.saes[j]),
                       **m, "baselines": base})
         if not args.quiet:
             print(f"{names[i]} vs {names[j]}: mean-max {m['mean_max_abs_cos']:.3f}, PW-MCC {m['pw_mcc']:.3f}, "
                   f"shared {m['shared_fraction']:.3f}, act corr {m.get('act_corr', float('nan')):.3f}")
+    return pairs
 
-    summary = {k: spread([p.get(k, float("nan")) for p in pairs])
-               for k in metric_keys + ("act_corr", "act_corr_random_pairs", "pw_mcc_projected",
-                                       "mean_max_abs_cos_projected", "decoder_norm_in_subspace")}
-    base_iso = {k: spread([p["baselines"]["isotropic"][k] for p in pairs]) for k in metric_keys}
-    base_sub = {k: spread([p["baselines"]["subspace"][k] for p in pairs]) for k in metric_keys} if basis is not None else None
-    excess = {k: spread([p["excess_over_subspace"][k] for p in pairs]) for k in metric_keys} if basis is not None else None
-    agreement = ground_truth_agreement(gt, saes, x, args.recovery_cos) if gt is not None else None
 
-    chance_of = base_sub or base_iso
-    mats = {f"{title}\n({'subspace' if base_sub else 'isotropic'} chance {chance_of[key]['mean']:.3f})":
+def draw_heatmaps(names, pairs, agreement, chance_of, subspace: bool, args) -> Path:
+    """The pair matrices (decoder agreement, and ground-truth features recovered by both) as one figure."""
+    n = len(names)
+    mats = {f"{title}\n({'subspace' if subspace else 'isotropic'} chance {chance_of[key]['mean']:.3f})":
             pair_matrix(n, pairs, lambda p, key=key: p[key])
             for title, key in (("mean max |cos|", "mean_max_abs_cos"), ("PW-MCC (signed)", "pw_mcc"),
                                ("shared (cos > %.1f enc & dec)" % args.threshold, "shared_fraction"))}
     for name, a in (agreement or {}).items():
         mats[f"{name} features recovered by both\n(random-decoder chance {a['chance_recovered']['random_isotropic']:.2f})"] = \
             pair_matrix(n, a["pairs"], lambda q: q["both"])
-    fig = heatmaps(names, mats, args.out / "overlap_heatmaps.png")
+    return heatmaps(names, mats, args.out / "overlap_heatmaps.png")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    saes, names, infos = load_saes(args.saes)
+    d_in = saes[0].d_in
+    acts, acts_from = find_acts(args)
+    x = data = gt = basis = None
+    if acts is not None:
+        data = open_acts(acts)
+        check_width(data, d_in, "the SAEs")
+        x = data.sample_rows(args.max_rows)
+        comps, ratio, r = M.pca_basis(x, args.var_frac)
+        basis = comps[:r]
+        if data.kind == "file" and {"a", "b"} <= set(data.labels):
+            gt, gt_from = G.load_or_fit(data)
+    dicts = [{"dec": s.W_dec.detach().double(), "enc": s.W_enc.detach().T.double(),
+              "codes": encode_all(s, x)[0] if x is not None else None} for s in saes]
+
+    pairs = compare_pairs(saes, names, dicts, args, basis)
+
+    summary = {k: spread([p.get(k, float("nan")) for p in pairs])
+               for k in METRIC_KEYS + ("act_corr", "act_corr_random_pairs", "pw_mcc_projected",
+                                       "mean_max_abs_cos_projected", "decoder_norm_in_subspace")}
+    base_iso = {k: spread([p["baselines"]["isotropic"][k] for p in pairs]) for k in METRIC_KEYS}
+    base_sub = {k: spread([p["baselines"]["subspace"][k] for p in pairs]) for k in METRIC_KEYS} if basis is not None else None
+    excess = {k: spread([p["excess_over_subspace"][k] for p in pairs]) for k in METRIC_KEYS} if basis is not None else None
+    agreement = ground_truth_agreement(gt, saes, x, args.recovery_cos) if gt is not None else None
+
+    fig = draw_heatmaps(names, pairs, agreement, base_sub or base_iso, base_sub is not None, args)
 
     result = {"saes": infos, "acts": str(acts) if acts else None,
               "inputs": {"saes": [str(d) for d in args.saes], "acts": str(acts) if acts else None,
