@@ -105,7 +105,7 @@ bash setup.sh
 # 03 over several seeds (and k, width lists) in one pass. args: acts out arch "seeds" [03 flags...]
 train_saes() {
     local acts=$1 out=$2 arch=$3 seeds=$4; shift 4
-    local resume=()
+    local resume=() t0=$SECONDS
     [[ -f "$out/.complete" ]] && return 0
     if compgen -G "$out/*/checkpoint.safetensors" >/dev/null || [[ -f "$out/checkpoint.safetensors" ]]; then
         resume=(--resume); else [[ -d "$out" ]] && resume=(--overwrite); fi
@@ -118,6 +118,7 @@ train_saes() {
             --quiet "${resume[@]}" "$@" $SAE_ARGS
     fi
     touch "$out/.complete"
+    log "03 done: $out ($((SECONDS - t0)) s)"      # each pass's own time: the core-minutes of the study
 }
 
 evaluate() {   # args: acts "04 flags" sae1 eval1 [sae2 eval2 ...]: one 04 call for the SAEs not yet evaluated
