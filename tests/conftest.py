@@ -1,4 +1,5 @@
-"""Shared test fixtures: data made from a known sparse dictionary."""
+"""Shared test helpers: the stage scripts loaded (and run) in-process, and data made from a known
+sparse dictionary."""
 from __future__ import annotations
 
 import importlib.util
