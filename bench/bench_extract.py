@@ -16,7 +16,6 @@ Goals (issue): early stop >= 1.3x the full forward at a mid-depth layer; the pip
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import tempfile
@@ -27,11 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib import lm  # noqa: E402
-from lib.common import load_json  # noqa: E402
+from lib.common import load_json, load_stage  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("extract_acts", Path(__file__).resolve().parents[1] / "02_extract_activations.py")
-EXTRACT = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(EXTRACT)
+EXTRACT = load_stage("02_extract_activations.py")
 
 
 def timed(fn, reps):

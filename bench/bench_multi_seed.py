@@ -15,7 +15,6 @@ reads each shard once for all five SAEs.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lib import activations as A  # noqa: E402
+from lib.common import load_stage  # noqa: E402
 
 SEEDS = ["1", "2", "3", "4", "5"]
 
@@ -40,9 +40,7 @@ def run03(*args) -> float:
 
 def shard_reads(acts: Path, out: Path, seeds: list, tokens: int, k: int) -> tuple[int, int]:
     """Shards read (and bytes) by one in-process 03 run over the given seeds."""
-    spec = importlib.util.spec_from_file_location("train_sae_bench", ROOT / "03_train_sae.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_stage("03_train_sae.py")
     count = {"n": 0, "bytes": 0}
     orig = A.load_shard
 

@@ -18,7 +18,6 @@ or: 01 --seed 42 --out runs/modadd/seed42; 02 --run runs/modadd/seed42 --site S 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -35,15 +34,6 @@ from sae import SAE  # noqa: E402
 
 CONFIGS = ["post:3:384", "post:32:1024", "mid:2:256"]
 ARCHS = ["topk", "batchtopk", "relu", "jumprelu"]
-
-
-def load_trainer():
-    """03_train_sae.py as a module (its name starts with a digit): for benches that run its
-    main() in process with something patched or recorded."""
-    spec = importlib.util.spec_from_file_location("train_sae", ROOT / "03_train_sae.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def train(acts: Path, out: Path, arch: str, k: int, d_sae: int, extra: list) -> float:

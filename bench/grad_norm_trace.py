@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_recipe import load_trainer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lib.common import load_stage  # noqa: E402
 
 norms = []
 _step = torch.optim.Adam.step
@@ -29,6 +29,6 @@ def step(self, *a, **kw):
 
 if __name__ == "__main__":
     torch.optim.Adam.step = step
-    load_trainer().main(sys.argv[1:])
+    load_stage("03_train_sae.py").main(sys.argv[1:])
     out = Path(sys.argv[sys.argv.index("--out") + 1])
     (out / "gradnorms.json").write_text(json.dumps(norms))

@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_recipe import ROOT, load_trainer, parse_configs, score, train  # noqa: E402
+from bench_recipe import ROOT, parse_configs, score, train  # noqa: E402
+from lib.common import load_stage  # noqa: E402
 
 
 def run_03_with_unit_rows(argv: list[str]) -> None:
@@ -38,7 +39,7 @@ def run_03_with_unit_rows(argv: list[str]) -> None:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
             self.W_enc.copy_(self.W_dec.t())
     S.SAE.__init__ = unit_init
-    load_trainer().main(argv)
+    load_stage("03_train_sae.py").main(argv)
 
 
 def main():

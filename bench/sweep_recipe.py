@@ -8,7 +8,6 @@ max first step with held-out accuracy >= 99.5%.
     python bench/sweep_recipe.py --device cuda --workers 4 --out runs/sweep
 """
 import argparse
-import importlib.util
 import itertools
 import json
 import statistics
@@ -18,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from lib.common import load_stage  # noqa: E402
 
 GRID = [  # lr, weight_decay, beta1, beta2, grokfast_alpha, grokfast_lamb
     (3e-3, 1, .9, .98, .98, 2), (3e-3, 2, .9, .98, .98, 2), (3e-3, 3, .9, .98, .98, 2),
@@ -31,9 +31,7 @@ GRID = [  # lr, weight_decay, beta1, beta2, grokfast_alpha, grokfast_lamb
 
 def one(job):
     (lr, wd, b1, b2, ga, gl), seed, device, out = job
-    spec = importlib.util.spec_from_file_location("t01", ROOT / "01_train_transformer.py")
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
+    m = load_stage("01_train_transformer.py")
     d = Path(out) / f"lr{lr}_wd{wd}_b{b1}-{b2}_g{ga}-{gl}_s{seed}"
     args = m.parse_args(["--out", str(d), "--overwrite", "--quiet", "--hold", "0", "--cleanup", "0",
                          "--steps", "4000", "--device", device, "--seed", str(seed), "--lr", str(lr),

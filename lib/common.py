@@ -188,6 +188,21 @@ def provenance(args, seed: int | None = None, **extra) -> dict:
 # Devices and the torchrun idiom (nanoGPT): the same script runs as one process,
 # or under `torchrun --nproc_per_node N`, gloo on CPU and nccl on GPU.
 
+_STAGES: dict = {}
+
+
+def load_stage(script: str):
+    """A top-level stage script ("03_train_sae.py") as a module, loaded once per process. Its
+    name starts with a digit, so `import` cannot reach it; tests and bench scripts call its
+    main or its helpers in-process this way (a test that patches it uses monkeypatch)."""
+    if script not in _STAGES:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("stage_" + Path(script).stem, ROOT / script)
+        _STAGES[script] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_STAGES[script])
+    return _STAGES[script]
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -2,7 +2,6 @@
 sparse dictionary."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,23 +19,10 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:Sparse CSR tensor support is in beta")
 
 
-_STAGES: dict = {}
-
-
-def load_stage(script: str):
-    """A top-level stage script ("03_train_sae.py") as a module, loaded once per session: its
-    imports cost seconds. Tests that patch it do so through monkeypatch, which undoes the patch."""
-    if script not in _STAGES:
-        spec = importlib.util.spec_from_file_location("stage_" + Path(script).stem, ROOT / script)
-        _STAGES[script] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_STAGES[script])
-    return _STAGES[script]
-
-
 def run_stage(capsys, script: str, *args) -> SimpleNamespace:
     """`python script *args` without a new interpreter: its main under run_main, as the script's
     own `__main__` calls it. Returns what a process would: returncode, stdout, stderr."""
-    from lib.common import run_main
+    from lib.common import load_stage, run_main
     main = load_stage(script).main
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from lib import ground_truth as G
 from lib import metrics as M
 from lib import modadd
-from lib.common import UserError, save_json, save_tensors
-from conftest import ROOT, load_stage, write_acts
+from lib.common import UserError, load_stage, save_json, save_tensors
+from conftest import ROOT, write_acts
 from sae import SAE
 
 PY = sys.executable

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, load_stage, run_stage, sparse_dictionary_data, write_acts
+from conftest import ROOT, run_stage, sparse_dictionary_data, write_acts
+from lib.common import load_stage
 from lib import lm
 from sae import ARCHS, SAE
 from test_lm import char_tokenizer, tiny_config

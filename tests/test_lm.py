@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, load_stage, run_stage
+from conftest import ROOT, run_stage
+from lib.common import load_stage
 
 from lib import activations as A
 from lib import lm

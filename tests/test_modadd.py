@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_stage, run_stage
+from conftest import run_stage
 from lib import modadd
-from lib.common import load_tensors
+from lib.common import load_stage, load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

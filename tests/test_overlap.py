@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lib import metrics as M
-from lib.common import UserError
-from conftest import ROOT, load_stage, write_acts
+from lib.common import UserError, load_stage
+from conftest import ROOT, write_acts
 from sae import SAE
 
 OVERLAP = load_stage("05_overlap.py")

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib.common import load_tensor_metadata
-from conftest import ROOT, load_stage, run_stage, sparse_dictionary_data, write_acts
+from lib.common import load_stage, load_tensor_metadata
+from conftest import ROOT, run_stage, sparse_dictionary_data, write_acts
 from sae import SAE
 
 SCRIPT = ROOT / "03_train_sae.py"
