@@ -161,6 +161,9 @@ def _sparsity_args(p):
                    help="jumprelu: STE kernel width eps (inputs at unit mean squared norm; SAELens's 0.05 at "
                         "|x| = sqrt(d_in) is 0.0044 at d_in 128)")
     p.add_argument("--init-threshold", type=float, default=1e-3, help="jumprelu: initial theta")
+    p.add_argument("--sparsity-loss", choices=("step", "tanh"), default="step",
+                   help="jumprelu: lambda * L0 through theta's pseudo-gradient (step, Rajamanoharan et al. 2024) or "
+                        "lambda * sum_i tanh(4 f_i |W_dec_i|) (tanh, Anthropic Jan 2025; trains on the dense path)")
     p.add_argument("--k-aux", type=int, default=None, help="AuxK latents (default d_in/2)")
     p.add_argument("--auxk-coeff", type=float, default=1 / 32)
     p.add_argument("--no-auxk", action="store_true",
@@ -222,6 +225,8 @@ def check_args(args):
         v = getattr(args, name)
         check(v is None or v >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {v})")
     check(args.bandwidth > 0 and args.init_threshold >= 0, "--bandwidth must be > 0 and --init-threshold >= 0")
+    check(not (args.sparsity_loss == "tanh" and args.stack == "on"),
+          "--sparsity-loss tanh trains each SAE on its own plain path: drop --stack on")
     check(args.k_aux is None or args.k_aux > 0, f"--k-aux must be > 0 (got {args.k_aux})")
     check(args.dead_tokens is None or args.dead_tokens > 0, f"--dead-tokens must be > 0 (got {args.dead_tokens})")
     check(args.log_every > 0 and args.ckpt_every > 0 and args.eval_rows > 0,
@@ -567,6 +572,7 @@ def build_run(run: Run, args, x_train: torch.Tensor, dev, dist: Dist, max_steps:
                   pre_act_coeff=pre_act if args.arch == "jumprelu" else 0.0,
                   l1_coeff=args.l1_coeff or 0.0, l0_coeff=args.l0_coeff or 0.0, bandwidth=args.bandwidth,
                   init_threshold=args.init_threshold, init="orthogonal" if init == "orthogonal" else "tied",
+                  sparsity_loss=args.sparsity_loss if args.arch == "jumprelu" else "step",
                   generator=gen)
     sample = x_train[torch.randperm(len(x_train), generator=gen)[:32768].to(dev)]
     run.sae.init_b_dec_(sample)                                                    # Bricken et al. 2023

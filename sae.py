@@ -36,6 +36,8 @@ and every architecture adds (1/32) * AuxK while some latents are dead (below).
   * JumpReLU's pre-activation loss on dead latents: pre_act_coeff * sum_i ReLU(theta_i - pre_i)
     (times |W_dec_i| = 1), which lifts a dead latent's pre-activations toward its threshold
     until it fires again                          Anthropic's January 2025 update; SAELens
+    and, as an option (sparsity_loss="tanh"), the same update's smooth sparsity loss
+    lambda * sum_i tanh(c f_i |W_dec_i|) in place of lambda * L0
   * BatchTopK's inference threshold: EMA of the smallest kept activation, so that one
     row's code does not depend on the rest of its batch         Bussmann et al. 2024
   * JumpReLU's straight-through pseudo-gradients, rectangle kernel of width eps; theta is
@@ -149,6 +151,10 @@ class SAE(nn.Module):
     schedules it and passes `sparsity_coeff`).
     k_aux (default d_in // 2) and auxk_coeff (1/32): AuxK, Gao et al. 2024.
     pre_act_coeff: jumprelu's pre-activation loss on dead latents (0 = off).
+    sparsity_loss (jumprelu): "step", lambda * L0 through the threshold's pseudo-gradient
+    (Rajamanoharan et al. 2024), or "tanh", lambda * sum_i tanh(tanh_scale * f_i |W_dec_i|), a
+    smooth count that also reaches the active pre-activations (Anthropic's January 2025
+    update; SAELens's jumprelu_sparsity_loss_mode, tanh_scale 4).
     bandwidth eps and init_threshold: JumpReLU, defaults 0.001 as in Rajamanoharan et al.
     2024 for inputs scaled to unit mean squared norm. threshold_ema: BatchTopK's EMA rate.
     """
@@ -156,7 +162,7 @@ class SAE(nn.Module):
 
     def __init__(self, d_in: int, d_sae: int, arch: str = "topk", k: int | None = None, *,
                  k_aux: int | None = None, auxk_coeff: float = 1 / 32, pre_act_coeff: float = 0.0,
-                 l1_coeff: float = 0.05, l0_coeff: float = 1e-3,
+                 l1_coeff: float = 0.05, l0_coeff: float = 1e-3, sparsity_loss: str = "step", tanh_scale: float = 4.0,
                  bandwidth: float = 1e-3, init_threshold: float = 1e-3, threshold_ema: float = 0.01,
                  init: str = "tied", apply_b_dec_to_input: bool = True, sparse: bool | None = None,
                  generator: torch.Generator | None = None, metadata: dict | None = None):
@@ -172,10 +178,12 @@ class SAE(nn.Module):
             raise UserError(f"k must be in 1..d_sae={d_sae} (got {k})")
         if init not in ("tied", "orthogonal"):
             raise UserError(f"init must be tied or orthogonal (got {init!r})")
+        if sparsity_loss not in ("step", "tanh"):
+            raise UserError(f"sparsity_loss must be step or tanh (got {sparsity_loss!r})")
         self.d_in, self.d_sae, self.arch, self.k = d_in, d_sae, arch, k
         self.k_aux = d_in // 2 if k_aux is None else k_aux
         self.auxk_coeff, self.l1_coeff, self.l0_coeff = auxk_coeff, l1_coeff, l0_coeff
-        self.pre_act_coeff = pre_act_coeff
+        self.pre_act_coeff, self.sparsity_loss, self.tanh_scale = pre_act_coeff, sparsity_loss, tanh_scale
         self.bandwidth, self.threshold_ema = bandwidth, threshold_ema
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.sparse = sparse            # None: decided per batch by use_sparse()
@@ -360,6 +368,8 @@ class SAE(nn.Module):
         below d_in * d_sae ~ 4M, where kernel launches, not FLOPs, set the pace."""
         if self.sparse is not None:
             return self.sparse
+        if self.arch == "jumprelu" and self.sparsity_loss != "step":
+            return False                  # the kernels compute the step loss only
         return x.device.type == "cpu" or self.d_in * self.d_sae >= 1 << 22
 
     def _forward_dense(self, x, sparsity_coeff):
@@ -372,7 +382,11 @@ class SAE(nn.Module):
             losses["l1_loss"] = self._l1_loss(acts.sum(0), sparsity_coeff, x.shape[0])
         elif self.arch == "jumprelu":
             acts, l0_rows = JumpReLU.apply(pre, self.threshold, self.bandwidth)
-            losses["l0_loss"] = self._lambda(sparsity_coeff) * l0_rows.mean()
+            if self.sparsity_loss == "tanh":
+                count = torch.tanh(self.tanh_scale * acts * self.W_dec.norm(dim=1)).sum(-1)
+            else:
+                count = l0_rows
+            losses["l0_loss"] = self._lambda(sparsity_coeff) * count.mean()
             l0 = l0_rows.detach().sum() / x.shape[0]
         elif self.arch == "topk":
             with torch.no_grad():

@@ -27,7 +27,8 @@ SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "ju
 # (and drops our metadata); this is the on-disk format version we follow.
 SAELENS_FORMAT_VERSION = "6.0.0"
 NORMALIZE_MODES = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
-TRAINING_DETAILS = ("k", "k_aux", "auxk_coeff", "pre_act_coeff", "l1_coeff", "l0_coeff", "bandwidth", "threshold_ema")
+TRAINING_DETAILS = ("k", "k_aux", "auxk_coeff", "pre_act_coeff", "l1_coeff", "l0_coeff", "bandwidth", "threshold_ema",
+                    "sparsity_loss", "tanh_scale")
 
 
 def cfg_dict(sae, metadata: dict | None = None) -> dict:

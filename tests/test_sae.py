@@ -191,6 +191,39 @@ def test_jumprelu_loss_is_mse_plus_lambda_l0():
     assert torch.allclose(sae(x, sparsity_coeff=0.5).losses["l0_loss"], 0.5 * l0)
 
 
+def test_jumprelu_tanh_sparsity_loss_by_hand():
+    """--sparsity-loss tanh: lambda * mean over rows of sum_i tanh(4 f_i |W_dec_i|), on a case
+    worked by hand (W = I, theta 0.1); unlike the step loss its gradient reaches the active
+    pre-activations (d/df = 4 lambda sech^2(4 f)), and it trains on the plain path."""
+    x = torch.tensor([[1.0, 0.05], [0.5, 2.0]])
+    sae = {m: SAE(2, 2, "jumprelu", 1, sparsity_loss=m, l0_coeff=0.1) for m in ("step", "tanh")}
+    for s in sae.values():
+        with torch.no_grad():
+            s.W_enc.copy_(torch.eye(2))
+            s.W_dec.copy_(torch.eye(2))
+            s.b_enc.zero_()
+            s.b_dec.zero_()
+            s.threshold.fill_(0.1)
+    out = sae["tanh"](x)                                   # acts [[1, 0], [0.5, 2]]
+    t = torch.tanh(torch.tensor(4.0))
+    expected = 0.1 * (t + torch.tanh(torch.tensor(2.0)) + torch.tanh(torch.tensor(8.0))) / 2
+    assert torch.allclose(out.losses["l0_loss"], expected)
+    assert torch.allclose(out.l0, torch.tensor(1.5))       # L0 is still the count
+    assert torch.allclose(sae["step"](x).losses["l0_loss"], torch.tensor(0.1 * 1.5))
+    for m, s in sae.items():
+        s.zero_grad()
+        s(x).losses["l0_loss"].backward()
+        g = s.b_enc.grad
+        if m == "step":
+            assert torch.equal(g, torch.zeros(2))
+        else:                                              # column sums over the active rows, / batch 2
+            sech2 = lambda f: 1 - torch.tanh(4 * torch.tensor(f)) ** 2    # noqa: E731
+            assert torch.allclose(g, 0.1 * 4 * torch.stack([sech2(1.0) + sech2(0.5), sech2(2.0)]) / 2, atol=1e-6)
+    assert sae["step"].use_sparse(x) and not sae["tanh"].use_sparse(x)
+    with pytest.raises(UserError, match="sparsity_loss must be step or tanh"):
+        SAE(2, 2, "jumprelu", 1, sparsity_loss="l1")
+
+
 def test_relu_loss_is_mse_plus_l1():
     sae = make("relu", l1_coeff=0.3)
     x = data()

@@ -90,8 +90,8 @@ def test_topk_recovers_the_true_features(k2, tmp_path):
 
 @pytest.mark.parametrize("arch,extra", [("batchtopk", []), ("relu", ["--l1-coeff", "0.05"]),
                                         ("jumprelu", ["--l0-coeff", "0.003"]), ("relu", ["--steer-gain", "0.02"]),
-                                        ("jumprelu", [])],
-                         ids=["batchtopk", "relu", "jumprelu", "relu-steered", "jumprelu-steered"])
+                                        ("jumprelu", []), ("jumprelu", ["--sparsity-loss", "tanh"])],
+                         ids=["batchtopk", "relu", "jumprelu", "relu-steered", "jumprelu-steered", "jumprelu-tanh"])
 def test_each_architecture_trains(arch, extra, k2, tmp_path):
     acts, _ = k2
     out = tmp_path / arch
@@ -101,19 +101,22 @@ def test_each_architecture_trains(arch, extra, k2, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert_unit_rows(out)
     l0 = [r["l0"] for r in m]
-    if arch == "batchtopk" or extra and "--steer-gain" not in extra:    # fixed coefficients: the loss falls
+    steered = arch in ("relu", "jumprelu") and not {"--l1-coeff", "--l0-coeff"} & set(extra)
+    if not steered:                                       # fixed coefficients: the loss falls
         assert m[-1]["loss"] < 0.5 * m[0]["loss"] and m[-1]["mse"] < 0.5 * m[0]["mse"]
     if arch == "batchtopk":      # the threshold at inference keeps L0 near the training L0 (= k)
         assert summary["final_train_l0"] == pytest.approx(2.0)
         assert abs(summary["heldout"]["l0"] - 2.0) < 0.1 * 2.0
         assert SAE.load(out).arch == "batchtopk"
         assert json.loads((out / "cfg.json").read_text())["architecture"] == "jumprelu"
-    if (not extra or "--steer-gain" in extra) and arch in ("relu", "jumprelu"):   # lambda steered: L0 -> k = 2
+    if steered:                                           # lambda steered: L0 -> k = 2
         assert l0[0] > 10 and abs(l0[-1] - 2) < 0.5 and abs(summary["heldout"]["l0"] - 2) < 0.5
         assert m[-1]["lambda"] > 10 * m[0]["lambda"]
     if arch == "jumprelu":       # theta moves (stored directly; see sae.py), it does not sit at its init
         assert l0[-1] < 0.5 * l0[0]
         assert float(SAE.load(out).threshold.detach().mean()) > 10 * 1e-3 / summary["input_scale"]
+        details = json.loads((out / "cfg.json").read_text())["metadata"]["training_architecture_details"]
+        assert details["sparsity_loss"] == ("tanh" if "tanh" in extra else "step")
 
 
 def test_auxk_revives_latents_that_die_without_it(k2, tmp_path):
@@ -372,6 +375,8 @@ BAD = {   # name: (which --acts, extra flags, expected text)
     "lr negative": ("good", ["--lr", "-0.001"], "--lr must be > 0"),
     "unknown arch": ("good", ["--arch", "gated"], "invalid choice: 'gated'"),
     "bad int": ("good", ["--k", "three"], "invalid int value"),
+    "tanh stacked": ("good", ["--arch", "jumprelu", "--sparsity-loss", "tanh", "--stack", "on"],
+                     "--sparsity-loss tanh trains each SAE on its own plain path: drop --stack on"),
 }
 
 
