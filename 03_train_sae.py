@@ -79,6 +79,7 @@ OUTPUTS = ("sae_weights.safetensors", "cfg.json", "metrics.jsonl", CKPT, FINAL)
 # (--acts may be spelled differently: the file itself is checked by its hash)
 RESUME_FREE = {"acts", "out", "resume", "overwrite", "quiet", "wandb", "stop_after_steps", "threads",
                "device", "log_every", "ckpt_every", "buffer_rows"}
+NEWER_FLAGS = {"sparsity_loss": "step"}   # flags added since checkpoints were first written: their value before
 DEFAULT_MAX_TOKENS = 24_000_000      # the plateau schedule's cap on an in-memory data set
 PRE_ACT_COEFF = 1e-3                 # jumprelu's pre-activation loss (inputs at unit mean squared norm;
                                      # bench/sweep_pre_act.py: 2e-3 to 1e-2 trade L0, EV or recovery for it)
@@ -429,7 +430,8 @@ def check_same_run(ckpt_path: Path, ckpt_meta: dict, acts: Acts) -> None:
     meta = checkpoint_state(ckpt_path)
     check(meta.get("d_in") == acts.d_in, f"--resume: mismatched d_in: the checkpoint was trained on "
                                          f"d_in={meta.get('d_in')}, --acts has d_in={acts.d_in}")
-    diff = [k for k, v in ckpt_meta["config"].items() if meta.get("config", {}).get(k) != v]
+    old = {**NEWER_FLAGS, **meta.get("config", {})}     # a checkpoint older than a flag ran at its old value
+    diff = [k for k, v in ckpt_meta["config"].items() if old.get(k) != v]
     check(not diff, f"--resume: flags differ from the checkpointed run: "
                     f"{', '.join('--' + k.replace('_', '-') for k in diff)}")
     check(meta.get("acts_sha256_1mb") == acts.sha256_1mb,

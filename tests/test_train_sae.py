@@ -418,6 +418,15 @@ def test_unfinished_run_needs_resume_or_overwrite_and_flags_must_match(k2, tmp_p
     assert code == 2 and "unfinished run" in err and "--resume" in err
     code, err = call(capsys, *args[:-1], "--lr", "1e-3", "--resume", "--quiet")
     assert code == 2 and "flags differ from the checkpointed run: --lr" in err
+    # a checkpoint written before --sparsity-loss existed resumes as the step loss it trained with
+    ckpt = tmp_path / "checkpoint.safetensors"
+    meta = json.loads(load_tensor_metadata(ckpt)["state"])
+    del meta["config"]["sparsity_loss"]
+    save_file(load_file(str(ckpt)), str(ckpt), metadata={**load_tensor_metadata(ckpt), "state": json.dumps(meta)})
+    code, err = call(capsys, *args, "--sparsity-loss", "tanh", "--resume", "--quiet")
+    assert code == 2 and "flags differ from the checkpointed run: --sparsity-loss" in err
+    run(*args, "--resume")
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 30
     run(*args, "--overwrite")
     assert (tmp_path / "summary.json").exists() and metrics(tmp_path)[0]["step"] == 25
 
