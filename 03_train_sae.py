@@ -226,7 +226,7 @@ def check_args(args):
         v = getattr(args, name)
         check(v is None or v >= 0, f"--{name.replace('_', '-')} must be >= 0 (got {v})")
     check(args.bandwidth > 0 and args.init_threshold >= 0, "--bandwidth must be > 0 and --init-threshold >= 0")
-    check(not (args.sparsity_loss == "tanh" and args.stack == "on"),
+    check(not (args.arch == "jumprelu" and args.sparsity_loss == "tanh" and args.stack == "on"),
           "--sparsity-loss tanh trains each SAE on its own plain path: drop --stack on")
     check(args.k_aux is None or args.k_aux > 0, f"--k-aux must be > 0 (got {args.k_aux})")
     check(args.dead_tokens is None or args.dead_tokens > 0, f"--dead-tokens must be > 0 (got {args.dead_tokens})")

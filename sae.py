@@ -366,10 +366,10 @@ class SAE(nn.Module):
         Measured: on CPU the sparse path wins at every size tried (TopK 2.5x at 128 -> 1024;
         relu 1.8x and jumprelu 2.5x at L0 = k, bench/bench_sae_cpu.txt); on an H200 the dense one wins
         below d_in * d_sae ~ 4M, where kernel launches, not FLOPs, set the pace."""
+        if self.arch == "jumprelu" and self.sparsity_loss != "step":
+            return False                  # the kernels compute the step loss only: even with sparse=True
         if self.sparse is not None:
             return self.sparse
-        if self.arch == "jumprelu" and self.sparsity_loss != "step":
-            return False                  # the kernels compute the step loss only
         return x.device.type == "cpu" or self.d_in * self.d_sae >= 1 << 22
 
     def _forward_dense(self, x, sparsity_coeff):

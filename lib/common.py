@@ -185,8 +185,7 @@ def provenance(args, seed: int | None = None, **extra) -> dict:
 
 
 # ----------------------------------------------------------------------------
-# Devices and the torchrun idiom (nanoGPT): the same script runs as one process,
-# or under `torchrun --nproc_per_node N`, gloo on CPU and nccl on GPU.
+# Stage scripts as modules (tests, bench scripts)
 
 _STAGES: dict = {}
 
@@ -202,6 +201,10 @@ def load_stage(script: str):
         spec.loader.exec_module(_STAGES[script])
     return _STAGES[script]
 
+
+# ----------------------------------------------------------------------------
+# Devices and the torchrun idiom (nanoGPT): the same script runs as one process,
+# or under `torchrun --nproc_per_node N`, gloo on CPU and nccl on GPU.
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":

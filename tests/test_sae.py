@@ -220,6 +220,7 @@ def test_jumprelu_tanh_sparsity_loss_by_hand():
             sech2 = lambda f: 1 - torch.tanh(4 * torch.tensor(f)) ** 2    # noqa: E731
             assert torch.allclose(g, 0.1 * 4 * torch.stack([sech2(1.0) + sech2(0.5), sech2(2.0)]) / 2, atol=1e-6)
     assert sae["step"].use_sparse(x) and not sae["tanh"].use_sparse(x)
+    assert not SAE(2, 2, "jumprelu", 1, sparsity_loss="tanh", sparse=True).use_sparse(x)   # the kernels lack it
     with pytest.raises(UserError, match="sparsity_loss must be step or tanh"):
         SAE(2, 2, "jumprelu", 1, sparsity_loss="l1")
 
