@@ -22,7 +22,9 @@ Every number is one function of metrics.py (formula in its docstring):
                   activations: the rows of the value tables, operand and answer, that carry >= 2% of
                   the variance), per feature set: Hungarian MCC of table rows vs decoder rows
                   (signed cosine), the fraction recovered (a decoder row at cos > 0.9), latent
-                  selectivity (share of a latent's activation mass on its best value), and the
+                  selectivity (share of a latent's activation mass on its best value), the
+                  fraction recovered by firing (a latent fires on the value's rows at F1 > 0.9:
+                  read off the code, so blind to a direction all latents share with b_dec), the
                   rotation-invariant Fourier view (per decoder row, the share of its energy inside
                   one key-frequency plane of the table); each beside random decoders (isotropic, and
                   isotropic inside the data's 99%-variance subspace) and the signed PCA basis.
@@ -183,8 +185,9 @@ def ground_truth_metrics(sae: SAE, acts: Acts, gt: G.GroundTruth, l0: float, n_r
     pca_codes = torch.cat([proj, -proj], 1).relu()
     for name in gt.features:
         vals = G.feature_values(gt, name, a, b)
-        chance["random_isotropic"][name]["selectivity"] = M.mean_selectivity(rand_codes, vals, gt.p)
-        chance["pca_signed"][name]["selectivity"] = M.mean_selectivity(pca_codes, vals, gt.p)
+        for base, c in (("random_isotropic", rand_codes), ("pca_signed", pca_codes)):
+            chance[base][name]["selectivity"] = M.mean_selectivity(c, vals, gt.p)
+            chance[base][name]["recovered_firing"] = float((M.firing_f1(c, vals, gt.p) > G.FIRING_F1).double().mean())
     return {"p": gt.p, "features": gt.features, "recovery_cos": threshold,
             "tables": {n: {k: gt.info["tables"][n][k] for k in ("share", "rank", "key_frequencies")}
                        for n in gt.info["tables"]},
@@ -194,13 +197,16 @@ def ground_truth_metrics(sae: SAE, acts: Acts, gt: G.GroundTruth, l0: float, n_r
                             "recovered": f"fraction of table rows with some decoder row at cos > {threshold}",
                             "selectivity": "per latent that fires, the share of its activation mass on its "
                                            "best value of the table's variable; mean over latents",
+                            "recovered_firing": f"fraction of the table's values some latent fires on at F1 > "
+                                                f"{G.FIRING_F1} (fires vs the row holds the value): recovery read "
+                                                "off the code, blind to a direction every latent shares with b_dec",
                             "plane_share": "per decoder row, the largest share of its energy inside one "
                                            "key-frequency plane of the table; mean over rows",
                             "chance": "random_isotropic / random_pca_subspace: random unit decoder rows of the "
                                       "SAE's shape, isotropic / inside the top-r principal subspace (99% of "
                                       "variance), averaged over --n-random draws; pca_signed: the principal "
-                                      "directions and their negatives; selectivity at chance: a TopK SAE with "
-                                      "random decoder rows (k = round(L0)) and the signed PCA codes"}}
+                                      "directions and their negatives; selectivity and recovered_firing at chance: a TopK "
+                                      "SAE with random decoder rows (k = round(L0)) and the signed PCA codes"}}
 
 
 # ----------------------------------------------------------------------------

@@ -65,6 +65,7 @@ MATERIAL_SHARE = 0.02        # a table with >= 2% of the site's variance is a gr
 RANK_ENERGY = 0.99           # rank = smallest r holding 99% of a table's energy
 MERGE_COS = 0.9              # merge A and B into "operand" when median_v cos(A[v], B[v]) >= 0.9
 RECOVERY_COS = 0.9           # a feature is recovered when some decoder row has cos > 0.9 with it
+FIRING_F1 = 0.9              # ... or, read off the code, some latent fires on its rows at F1 > 0.9
 CHANCE_VAR_FRAC = 0.99       # the principal subspace random baseline lives in (top-r holding 99%)
 
 # The named lines: name -> (u, w), variable (u a + w b) mod p. "difference" is (1, p - 1), filled per p.
@@ -416,7 +417,9 @@ def score_decoder(gt: GroundTruth, decoder: torch.Tensor, acts: torch.Tensor | N
     - plane_share: mean over the decoder rows of metrics.plane_share against the table's key planes
       (chance for isotropic rows: 2 / d); plane_share_ge_0.9: fraction of rows with share >= 0.9;
     - selectivity (with acts [N, m] codes and a, b [N]): metrics.mean_selectivity over the latents
-      that fire, on the table's variable (feature_values)."""
+      that fire, on the table's variable (feature_values); recovered_firing: the fraction of the
+      table's values some latent fires on at metrics.firing_f1 > FIRING_F1, the code's view of
+      recovery, blind to a direction all latents share with b_dec."""
     feats = ground_truth_features(gt, names)
     out = {}
     for n, F in feats.items():
@@ -430,7 +433,9 @@ def score_decoder(gt: GroundTruth, decoder: torch.Tensor, acts: torch.Tensor | N
              "plane_share_ge_0.9": float((share >= 0.9).double().mean()) if len(share) else float("nan")}
         if acts is not None:
             check(a is not None and b is not None, "selectivity needs a and b with acts")
-            s["selectivity"] = M.mean_selectivity(acts, feature_values(gt, n, a, b), gt.p)
+            vals = feature_values(gt, n, a, b)
+            s["selectivity"] = M.mean_selectivity(acts, vals, gt.p)
+            s["recovered_firing"] = float((M.firing_f1(acts, vals, gt.p) > FIRING_F1).double().mean())
         out[n] = s
     return out
 

@@ -296,6 +296,34 @@ def mean_selectivity(acts: torch.Tensor, values: torch.Tensor, p: int) -> float:
     return float(sel.mean()) if len(sel) else float("nan")
 
 
+def value_presence(values: torch.Tensor, p: int) -> torch.Tensor:
+    """[N, p] bool: row n holds value v (values [N], or [N, k]: any of its k entries is v)."""
+    values = values.long()
+    if values.ndim == 1:
+        values = values[:, None]
+    present = torch.zeros(len(values), p, dtype=torch.bool)
+    for j in range(values.shape[1]):
+        present[torch.arange(len(values)), values[:, j]] = True
+    return present
+
+
+def firing_f1(acts: torch.Tensor, values: torch.Tensor, p: int) -> torch.Tensor:
+    """Per value v, the best over latents l of the F1 score between "l fires" (acts > 0) and "the
+    row holds v" (values as in latent_selectivity): F1 = 2 |fire_l & holds_v| / (|fire_l| + |holds_v|).
+    1 when some latent fires on exactly the rows holding v. Read off the code, not the decoder, it
+    does not see a direction that every latent shares with b_dec: with exactly k latents active on
+    every row, d_l -> d_l + u / f_l, b_dec -> b_dec - k u leaves every reconstruction unchanged (the
+    activations f_l are near constant per latent on this grid) but moves every decoder row's cosine
+    to the table (bench/offset_gauge.py). Returns [p] float64."""
+    fire = (acts > 0).double()
+    present = value_presence(values, p).double()
+    if len(present) != len(fire):
+        raise ValueError(f"values has {len(present)} rows, acts {len(fire)}")
+    inter = present.T @ fire                                                  # [p, L]
+    f1 = 2 * inter / (present.sum(0)[:, None] + fire.sum(0)[None, :]).clamp_min(1e-300)
+    return f1.max(1).values if fire.shape[1] else torch.zeros(p, dtype=torch.float64)
+
+
 def plane_share(dec: torch.Tensor, planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation-invariant Fourier view. planes [K, 2, d]: orthonormal rows per plane (a zero row for a
     1-D plane; ground_truth.planes builds them). Per decoder row u: share(u) = max_k ||P_k u||^2 / ||u||^2

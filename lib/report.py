@@ -26,6 +26,9 @@ CHOOSE_RULE = ("among the sweep cells whose TopK SAEs leave at most 10% of their
                "(all cells if none do), the one that recovers the most answer features with every seed (ties: "
                "fewer latents, then smaller k)")
 CHOOSE_MAX_DEAD = 0.10      # the goal of "Every architecture trained right": a mostly dead dictionary is not a study
+FIRING_NOTE = ("Recovered by firing: the share of a table's values on whose rows some latent fires at F1 > 0.9, "
+               "read off the code. Unlike the decoder cosine of the headline it does not move when every latent "
+               "shares a direction with b_dec, which an exact-k code cannot see (README, \"Which basis\").")
 
 
 def parse_args(argv=None):
@@ -359,8 +362,9 @@ def modadd_table(es: list) -> list[str]:
     for e in es:
         by_cfg[config_of(e)].append(e)
     lines = ["| arch | k / latents | seeds | EV (held-out) | L0 | dead % (all rows) | dead % (held-out rows) | "
-             "loss recovered | KL (SAE / zero) | selectivity (answer / operand) | plane share (answer) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "loss recovered | KL (SAE / zero) | selectivity (answer / operand) | "
+             "recovered by firing (answer / operand) | plane share (answer) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (arch, k, d_sae), g in sorted(by_cfg.items(), key=lambda kv: (arch_key(kv[0][0]), kv[0][1] or 0, kv[0][2])):
         def col(*path):
             return [get(e, *path) for e in g]
@@ -371,6 +375,8 @@ def modadd_table(es: list) -> list[str]:
             f"{ms(col('downstream', 'heldout', 'kl_sae'), '{:.4f}')} / {ms(col('downstream', 'heldout', 'kl_zero'), '{:.2f}')}",
             f"{ms(col('ground_truth', 'sae', 'answer', 'selectivity'), '{:.2f}')} / "
             f"{ms(col('ground_truth', 'sae', 'operand', 'selectivity'), '{:.2f}')}",
+            f"{ms(col('ground_truth', 'sae', 'answer', 'recovered_firing'), '{:.0f}%', 100)} / "
+            f"{ms(col('ground_truth', 'sae', 'operand', 'recovered_firing'), '{:.0f}%', 100)}",
             ms(col("ground_truth", "sae", "answer", "plane_share"), "{:.2f}")]) + " |")
     return lines
 
@@ -465,7 +471,7 @@ def main(argv=None):
             md += [f"#### Where in (k, width) TopK finds them at {site}", ""]
             md += sweep_section(sweep, ov_sweep, site, base, base / "figures")
         detail += [f"### {site}: {rel(acts, base)}", "", "Per configuration (mean ± std over SAE seeds):", ""]
-        detail += modadd_table(study or es) + [""]
+        detail += modadd_table(study or es) + ["", FIRING_NOTE, ""]
         if ov_study:
             detail += ["Seed-to-seed overlap over all latents:", ""] + overlap_table(ov_study) + [""]
             detail += [f"![{'+'.join(sorted({arch_label(s) for s in o['saes']}))} overlap]"

@@ -113,9 +113,13 @@ def test_identity_splice_recovers_all_loss_and_ground_truth_beside_chance(tiny_r
     assert g["features"] == gt.features and len(g["features"]) >= 1 and g["p"] == tiny_run["p"]
     for name in g["features"]:
         assert g["tables"][name]["share"] == pytest.approx(gt.info["tables"][name]["share"])
-        assert set(g["sae"][name]) >= {"mcc", "recovered", "selectivity", "plane_share", "best_cos"}
+        assert set(g["sae"][name]) >= {"mcc", "recovered", "selectivity", "recovered_firing", "plane_share",
+                                        "best_cos"}
+        assert 0.0 <= g["sae"][name]["recovered_firing"] <= 1.0
         for chance in ("random_isotropic", "random_pca_subspace", "pca_signed"):
             assert {"mcc", "recovered"} <= set(g["chance"][chance][name])
+        for chance in ("random_isotropic", "pca_signed"):
+            assert 0.0 <= g["chance"][chance][name]["recovered_firing"] <= 1.0
         assert len(g["sae"][name]["best_cos"]) == tiny_run["p"]
     assert r["inputs"]["ground_truth"].endswith(".ground_truth.safetensors")
 
@@ -143,6 +147,7 @@ def test_random_decoders_score_at_chance_and_planted_table_rows_score_one(tiny_r
     for name in g["features"]:
         assert g["sae"][name]["recovered"] == 0.0 and g["chance"]["random_isotropic"][name]["recovered"] == 0.0
         assert abs(g["sae"][name]["mcc"] - g["chance"]["random_isotropic"][name]["mcc"]) < 0.08
+        assert g["sae"][name]["recovered_firing"] < 0.1          # its latents fire on no single value's rows
     # Planting the table rows in the decoder recovers every feature, MCC 1, well above chance.
     rows = torch.cat(list(feats.values())).float()
     with torch.no_grad():

@@ -220,6 +220,43 @@ def test_score_decoder_selectivity_from_codes():
     # On the p rows with c = v an operand value u occurs twice (a = u, b = v - u and its mirror),
     # or once when 2u = v: the best operand value holds 2 / p of each latent's mass.
     assert s["operand"]["selectivity"] == pytest.approx(2 / P)
+    assert s["answer"]["recovered_firing"] == 1.0                  # latent v fires exactly where c = v
+    # latent v fires on the p rows with c = v, operand value v holds 2p - 1 rows, they share 2:
+    # F1 = 4 / (3p - 1) < 0.9 for every value
+    assert s["operand"]["recovered_firing"] == 0.0
+
+
+def test_shared_offset_moves_cosines_not_firing():
+    """The gauge of an exact-k code: decoder rows C[v] + u with b_dec - u reconstruct every row as
+    C[v] with b_dec do (one latent active per row, activation 1), yet every row's cosine to C[v]
+    falls to |C[v]| / |C[v] + u|; the code, and so recovered_firing, is the same."""
+    x, a, b, T = _planted()
+    gt = G.fit_value_tables(x, a, b, P)
+    c = (a + b) % P
+    codes = torch.nn.functional.one_hot(c, P).double()
+    u = 3 * T["C"].norm(dim=1).max() * T["q"][10]                 # orthogonal to every table
+    b_dec = x.mean(0)
+    torch.testing.assert_close(codes @ T["C"] + b_dec, codes @ (T["C"] + u) + (b_dec - u))
+    plain, shifted = (G.score_decoder(gt, dec, acts=codes, a=a, b=b)["answer"] for dec in (T["C"], T["C"] + u))
+    assert plain["recovered"] == 1.0 and shifted["recovered"] == 0.0
+    assert plain["recovered_firing"] == shifted["recovered_firing"] == 1.0
+
+
+def test_firing_f1_by_hand():
+    p = 5
+    a, b = _grid(p)
+    c = (a + b) % p
+    acts = torch.zeros(p * p, 3)
+    acts[:, 0] = (c == 2).float() * torch.linspace(1, 2, p * p)   # fires exactly on c = 2 -> F1 1
+    acts[:, 1] = ((c == 3) | (c == 4)).float()                    # two values merged: 2p / (2p + p) = 2/3
+    f1 = M.firing_f1(acts, c, p)
+    torch.testing.assert_close(f1, torch.tensor([0, 0, 1, 2 / 3, 2 / 3], dtype=torch.float64))
+    ab = torch.stack([a, b], 1)
+    acts[:, 2] = ((a == 1) | (b == 1)).float()                    # operand value 1, either slot
+    assert M.firing_f1(acts, ab, p)[1] == pytest.approx(1.0)
+    assert M.firing_f1(torch.zeros(p * p, 2), c, p).tolist() == [0.0] * p     # nothing fires
+    with pytest.raises(ValueError):
+        M.firing_f1(acts[:-1], c, p)
 
 
 # ----------------------------------------------------------------------------
