@@ -163,6 +163,7 @@ def answer_rows(es: list, overlaps: list) -> tuple[list, dict]:
             r["features"][f] = {"each": [get(e, "ground_truth", "sae", f, "recovered") for e in group],
                                 "mcc": [get(e, "ground_truth", "sae", f, "mcc") for e in group],
                                 "selectivity": [get(e, "ground_truth", "sae", f, "selectivity") for e in group],
+                                "firing": [get(e, "ground_truth", "sae", f, "recovered_firing") for e in group],
                                 "plane": [get(e, "ground_truth", "sae", f, "plane_share") for e in group],
                                 "chance": mean([get(e, "ground_truth", "chance", "random_isotropic", f, "recovered")
                                                 for e in group]),
@@ -267,9 +268,10 @@ def sentences(site: str, shares: dict, rows: dict) -> list[str]:
     for (arch, k, d_sae), r in rows.items():
         bits = []
         for f, x in r["features"].items():
-            each = mean(x["each"])
+            each, firing = mean(x["each"]), mean(x["firing"])
+            by_firing = "" if firing != firing else f"; by firing {pct(firing)}"
             bits.append(f"{pct(each)} of the {x['n_features']} {f} features per seed ({pct(x['every'])} with every "
-                        f"seed; random decoders {pct(x['chance'])})")
+                        f"seed; random decoders {pct(x['chance'])}{by_firing})")
         if bits:
             out.append(f"{arch} with k {k} and {d_sae} latents recovers " + "; ".join(bits) + ".")
     for (label, k, d_sae), r in rows.items():         # a variant beside its architecture's default

@@ -53,7 +53,8 @@ def fake_eval(arch, seed, ev, l0, answer, chance=0.0, sweep_k=None, init="tied")
     gt = {"features": ["operand", "answer"],
           "tables": {"operand": {"share": 0.068}, "answer": {"share": 0.906}},
           "sae": {"answer": {"recovered": answer, "mcc": 0.95, "selectivity": 0.9, "plane_share": 0.3, "n_features": 113},
-                  "operand": {"recovered": 0.5, "mcc": 0.8, "selectivity": 0.5, "plane_share": 0.2, "n_features": 113}},
+                  "operand": {"recovered": 0.5, "mcc": 0.8, "selectivity": 0.5, "plane_share": 0.2, "n_features": 113,
+                              "recovered_firing": 0.7}},
           "chance": {b: {"answer": {"recovered": chance}, "operand": {"recovered": chance}}
                      for b in ("random_isotropic", "random_pca_subspace", "pca_signed")}}
     return {"sae": {"arch": arch, "seed": seed, "k": k, "d_sae": d_sae, "init": init,
@@ -161,6 +162,7 @@ def test_report_leads_with_the_answer_and_states_each_goal(tmp_path):
            "with every seed, against 96% and 93% from 03's default init." in md
     assert "**MISS** relu (k 3, 384 latents): the 2 seeds together recover >= 90% of them: 30%" in md
     assert "topk with k 3 and 384 latents recovers 50% of the 113 operand features" in md
+    assert "random decoders 0%; by firing 70%); 96% of the 113 answer features" in md     # operand's, not answer's
     assert (res / "figures" / "sweep_resid_post.png").is_file() and "sweep_resid_post.png" in md
     assert "At the seed guide's k 32 / 1024 latents" not in md       # no such cell in this sweep
     # the LM section: model, layer, site, tokens; CE clean / with SAE / zero, loss recovered, KL
