@@ -187,7 +187,7 @@ def ground_truth_metrics(sae: SAE, acts: Acts, gt: G.GroundTruth, l0: float, n_r
         vals = G.feature_values(gt, name, a, b)
         for base, c in (("random_isotropic", rand_codes), ("pca_signed", pca_codes)):
             chance[base][name]["selectivity"] = M.mean_selectivity(c, vals, gt.p)
-            chance[base][name]["recovered_firing"] = float((M.firing_f1(c, vals, gt.p) > G.FIRING_F1).double().mean())
+            chance[base][name]["recovered_firing"] = M.firing_recovery(c, vals, gt.p, G.FIRING_F1)
     return {"p": gt.p, "features": gt.features, "recovery_cos": threshold,
             "tables": {n: {k: gt.info["tables"][n][k] for k in ("share", "rank", "key_frequencies")}
                        for n in gt.info["tables"]},

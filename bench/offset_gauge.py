@@ -50,11 +50,8 @@ def views(sae: SAE, acts, gt, a, b) -> dict:
     Vc = V - u
     out = {"alive": int(alive.sum()), "offset": float(u.norm() / V.norm(dim=1).mean())}
     for n, F in G.ground_truth_features(gt).items():
-        cos, _ = M.best_feature_match(F, W)
-        cen, _ = M.best_feature_match(F, Vc / Vc.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        fire = M.firing_f1(codes, G.feature_values(gt, n, a, b), gt.p)
-        out[n] = [float((cos > G.RECOVERY_COS).double().mean()), float((cen > G.RECOVERY_COS).double().mean()),
-                  float((fire > G.FIRING_F1).double().mean())]
+        out[n] = [M.recovery_fraction(F, W, G.RECOVERY_COS), M.recovery_fraction(F, Vc, G.RECOVERY_COS),
+                  M.firing_recovery(codes, G.feature_values(gt, n, a, b), gt.p, G.FIRING_F1)]
     return out
 
 

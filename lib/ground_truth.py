@@ -435,7 +435,7 @@ def score_decoder(gt: GroundTruth, decoder: torch.Tensor, acts: torch.Tensor | N
             check(a is not None and b is not None, "selectivity needs a and b with acts")
             vals = feature_values(gt, n, a, b)
             s["selectivity"] = M.mean_selectivity(acts, vals, gt.p)
-            s["recovered_firing"] = float((M.firing_f1(acts, vals, gt.p) > FIRING_F1).double().mean())
+            s["recovered_firing"] = M.firing_recovery(acts, vals, gt.p, FIRING_F1)
         out[n] = s
     return out
 

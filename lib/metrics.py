@@ -271,19 +271,9 @@ def latent_selectivity(acts: torch.Tensor, values: torch.Tensor, p: int) -> torc
     f = acts.double()
     if bool((f < 0).any()):
         raise ValueError("latent_selectivity needs non-negative codes")
-    values = values.long()
-    if values.ndim == 1:
-        values = values[:, None]
     if len(values) != len(f):
         raise ValueError(f"values has {len(values)} rows, acts {len(f)}")
-    S = torch.zeros(p, f.shape[1], dtype=torch.float64)
-    seen = torch.zeros_like(values[:, 0], dtype=torch.bool)
-    for j in range(values.shape[1]):
-        v = values[:, j]
-        new = torch.ones_like(seen)
-        for i in range(j):                      # a value already counted on this row is not counted again
-            new &= values[:, i] != v
-        S.index_add_(0, v[new], f[new])
+    S = value_presence(values, p).double().T @ f       # [p, L]; a value twice on a row counts once
     tot = f.sum(0)
     sel = S.max(0).values / tot.clamp_min(1e-300)
     return torch.where(tot > 0, sel, torch.full_like(sel, float("nan")))
@@ -322,6 +312,11 @@ def firing_f1(acts: torch.Tensor, values: torch.Tensor, p: int) -> torch.Tensor:
     inter = present.T @ fire                                                  # [p, L]
     f1 = 2 * inter / (present.sum(0)[:, None] + fire.sum(0)[None, :]).clamp_min(1e-300)
     return f1.max(1).values if fire.shape[1] else torch.zeros(p, dtype=torch.float64)
+
+
+def firing_recovery(acts: torch.Tensor, values: torch.Tensor, p: int, threshold: float = 0.9) -> float:
+    """Fraction of values recovered by firing: (1/p) sum_v 1[firing_f1(acts, values, p)_v > threshold]."""
+    return float((firing_f1(acts, values, p) > threshold).double().mean())
 
 
 def plane_share(dec: torch.Tensor, planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
