@@ -350,7 +350,10 @@ class SAE(nn.Module):
             out, pre = self._forward_dense(x, sparsity_coeff)
         losses = {"mse": F.mse_loss(out.x_hat, x, reduction="sum") / x.shape[0], **out.losses}
         if self.training and dead_mask is not None:
-            e_hat = kernels.sparse_auxk_e_hat(self, x_c, pre, dead_mask) if fast else self._auxk_e_hat(pre, dead_mask)
+            if fast:
+                e_hat = kernels.sparse_auxk_e_hat(self, x, x_c, pre, dead_mask)
+            else:
+                e_hat = self._auxk_e_hat(pre, dead_mask)
             e = (x - out.x_hat).detach()
             aux = self._auxk_loss(e, e_hat, all_reduce) if e_hat is not None else out.x_hat.new_zeros(())
             losses["auxk_loss"] = self.auxk_coeff * aux

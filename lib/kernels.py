@@ -286,20 +286,28 @@ def dead_pre(sae, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
     return encode(x, sae.W_enc.index_select(1, dead), sae.b_enc[dead], sae.b_dec if sae.apply_b_dec_to_input else None)
 
 
-def sparse_auxk_e_hat(sae, x_c: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor) -> torch.Tensor | None:
+def sparse_auxk_e_hat(sae, x: torch.Tensor, x_c: torch.Tensor, pre: torch.Tensor,
+                      dead_mask: torch.Tensor) -> torch.Tensor | None:
     """AuxK's e_hat (SAE._auxk_e_hat) as a TopK SAE over the sub-dictionary of dead latents:
     gather their encoder columns and decoder rows (autograd scatters the gradients back);
-    ReLU'd for the TopK family, raw for relu and jumprelu, as there. None when no latent is dead."""
+    ReLU'd for the TopK family, raw for relu and jumprelu, as there. None when no latent is dead.
+    With no more dead latents than k_aux every one is decoded: its code is a dense [B, n] matrix,
+    so two plain matmuls (encode, decode) beat the selection and the sparse kernels (2x cheaper
+    AuxK at 128 -> 256 with 64 dead, bench/auxk_floor.py); else those, on the k_aux picked a row."""
     raw = sae.arch in ("relu", "jumprelu")
     with torch.no_grad():
         dead = dead_mask.nonzero().squeeze(1)
         k_aux = min(sae.k_aux, dead.numel())
         if k_aux == 0:
             return None
+    W_enc, b_enc, W_dec = sae.W_enc.index_select(1, dead), sae.b_enc[dead], sae.W_dec.index_select(0, dead)
+    b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
+    if k_aux == dead.numel():
+        z = encode(x, W_enc, b_enc, b_dec)
+        return (z if raw else z.relu()) @ W_dec
+    with torch.no_grad():
         sub = pre.index_select(1, dead)
         v, j = sub.topk(k_aux, dim=-1, sorted=False) if raw else topk_relu(sub, k_aux)
     pat = SparsePattern.from_topk(j, dead.numel())
-    W_enc, b_enc, W_dec = sae.W_enc.index_select(1, dead), sae.b_enc[dead], sae.W_dec.index_select(0, dead)
-    b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
     vals = _SparseEncode.apply(v.reshape(-1), x_c, W_enc, b_enc, b_dec, pat)
     return _SparseDecode.apply(vals if raw else vals.relu(), W_dec, pat)
