@@ -35,41 +35,29 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_sae import timed  # noqa: E402
+from bench.bench_sae import our_step  # noqa: E402
+from bench.harness import add_shape_args, dead_latents, make_rows, timed  # noqa: E402
 from lib.kernels import SparsePattern, topk_relu  # noqa: E402
 from sae import SAE  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--d-in", type=int, default=128)
-    ap.add_argument("--d-sae", type=int, default=1024)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=4096)
-    ap.add_argument("--dead-frac", type=float, default=0.25)
-    ap.add_argument("--steps", type=int, default=10, help="timed calls per case and round")
+    add_shape_args(ap, steps=10)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     d, D, B = args.d_in, args.d_sae, args.batch_size
-    from bench.bench_vs_saelens import dead_latents, make_rows
     x, dead_mask = make_rows(B, d, D), dead_latents(D, args.dead_frac)
     dead = dead_mask.nonzero().squeeze(1)
     n, k_aux = len(dead), min(d // 2, int(dead_mask.sum()))
 
-    sae = SAE(d, D, k=args.k, arch="topk", generator=torch.Generator().manual_seed(0))
-    sae.init_b_dec_(x[:2048])
-    sae.train()
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-4, fused=True)
-
-    def step(mask):
-        out = sae(x, dead_mask=mask)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.remove_parallel_grad_()
-        opt.step()
-        sae.post_step_()
+    steps = {}                                 # 03's step on two copies of one SAE: without / with AuxK
+    for name, mask in (("step", None), ("step + AuxK", dead_mask)):
+        sae = SAE(d, D, k=args.k, arch="topk", generator=torch.Generator().manual_seed(0))
+        sae.init_b_dec_(x[:2048])
+        steps[name] = our_step(sae, 3e-4, dead_mask=mask)
 
     with torch.no_grad():                      # the inputs of each op, as the step has them
         x_c = x - sae.b_dec
@@ -97,8 +85,8 @@ def main(argv=None):
     }
     times = {name: [] for name in ["step", "step + AuxK", *ops]}
     for r in range(args.rounds):
-        times["step"].append(timed(lambda: step(None), args.steps, warmup=3 if r == 0 else 1))
-        times["step + AuxK"].append(timed(lambda: step(dead_mask), args.steps, warmup=3 if r == 0 else 1))
+        for name, step in steps.items():
+            times[name].append(timed(lambda: step(x), args.steps, warmup=3 if r == 0 else 1))
         for name, f in ops.items():
             times[name].append(timed(f, args.steps, warmup=2))
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}

@@ -16,32 +16,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness import add_shape_args, dead_latents, make_rows, timed  # noqa: E402
 from sae import SAE  # noqa: E402
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(step, n_steps: int, warmup: int = 3) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(n_steps):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def gemm_rate(device, n: int = 2048, reps: int = 5) -> float:
@@ -95,37 +76,21 @@ def our_step(sae: SAE, lr: float, dead_mask=None, coeff=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--d-in", type=int, default=128)
-    ap.add_argument("--d-sae", type=int, default=1024)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per case and round")
+    add_shape_args(ap, steps=5)
     ap.add_argument("--rounds", type=int, default=4, help="rounds over all cases (median reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    ap.add_argument("--dead-frac", type=float, default=0.25, help="dead latents in the AuxK row")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    torch.manual_seed(0)
     d, D, k, B = args.d_in, args.d_sae, args.k, args.batch_size
     lr = 3e-4
-
-    # data: sparse combinations of random unit directions, like the tests use
-    feats = torch.randn(4 * D, d)
-    feats /= feats.norm(dim=1, keepdim=True)
-    x = torch.zeros(B, d)
-    for _ in range(8):
-        x += torch.rand(B, 1) * feats[torch.randint(len(feats), (B,))]
-    x = x.to(dev)
+    x = make_rows(B, d, D).to(dev)           # sparse combinations of random unit directions
 
     mm = 2 * B * d * D                                # one [B,d] x [d,D] matmul
     sp = 2 * B * k * d                                # one k-sparse decode-sized product
     k_aux = d // 2
-    gen = torch.Generator().manual_seed(0)
-    dead = torch.zeros(D, dtype=torch.bool)
-    dead[torch.randperm(D, generator=gen)[: int(args.dead_frac * D)]] = True
-    dead = dead.to(dev)
+    dead = dead_latents(D, args.dead_frac).to(dev)
     n_dead = int(dead.sum())
     # AuxK: embedding_bag forward + sampled d code over k_aux latents a row; the two weight
     # gradients over the dead sub-dictionary, as dense matmuls once it is >1/8 full (sae.py)

@@ -30,64 +30,26 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.harness import add_shape_args, dead_latents, make_rows, timed  # noqa: E402
 SAELENS_PYTHON = ROOT / ".venv-saelens" / "bin" / "python"
 
 
-def timed(step, n_steps: int, warmup: int) -> float:
-    """Median seconds per call (CPU: no synchronisation needed)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(n_steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def make_rows(B: int, d: int, D: int) -> torch.Tensor:
-    """bench/bench_sae.py's rows: sparse sums of random unit directions."""
-    torch.manual_seed(0)
-    feats = torch.randn(4 * D, d)
-    feats /= feats.norm(dim=1, keepdim=True)
-    x = torch.zeros(B, d)
-    for _ in range(8):
-        x += torch.rand(B, 1) * feats[torch.randint(len(feats), (B,))]
-    return x
-
-
-def dead_latents(D: int, frac: float) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    dead = torch.zeros(D, dtype=torch.bool)
-    dead[torch.randperm(D, generator=gen)[: int(frac * D)]] = True
-    return dead
-
-
 def ours(x, dead, args) -> dict:
-    sys.path.insert(0, str(ROOT))
+    from bench.bench_sae import our_step          # 03's step: fused Adam, decoder projection
     from sae import SAE
     res = {}
     for name, mask in (("base", None), ("auxk", dead)):
         sae = SAE(x.shape[1], args.d_sae, k=args.k, arch="topk", generator=torch.Generator().manual_seed(0))
         sae.init_b_dec_(x[:2048])
-        sae.train()
-        opt = torch.optim.Adam(sae.parameters(), lr=3e-4, fused=True)        # as 03_train_sae.py
-
-        def step():
-            out = sae(x, dead_mask=mask)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            sae.remove_parallel_grad_()
-            opt.step()
-            sae.post_step_()
-        res[name] = timed(step, args.steps, args.warmup)
+        step = our_step(sae, 3e-4, dead_mask=mask)
+        res[name] = timed(lambda: step(x), args.steps, args.warmup)
     return res
 
 
@@ -127,12 +89,7 @@ def saelens(x, dead, args) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--d-in", type=int, default=128)
-    ap.add_argument("--d-sae", type=int, default=1024)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=4096)
-    ap.add_argument("--dead-frac", type=float, default=0.25, help="latents marked dead in the AuxK rows")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per case and round")
+    add_shape_args(ap, steps=10)
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     ap.add_argument("--rounds", type=int, default=3, help="rounds, each side once per round (median reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides")
