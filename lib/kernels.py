@@ -292,22 +292,23 @@ def sparse_auxk_e_hat(sae, x: torch.Tensor, x_c: torch.Tensor, pre: torch.Tensor
     gather their encoder columns and decoder rows (autograd scatters the gradients back);
     ReLU'd for the TopK family, raw for relu and jumprelu, as there. None when no latent is dead.
     With no more dead latents than k_aux every one is decoded: its code is a dense [B, n] matrix,
-    so two plain matmuls (encode, decode) beat the selection and the sparse kernels (2x cheaper
-    AuxK at 128 -> 256 with 64 dead, bench/auxk_floor.py); else those, on the k_aux picked a row."""
+    so two plain matmuls (dead_pre's encode, then the decode) beat the selection and the sparse
+    kernels (AuxK's share of the step at 128 -> 256 with 64 dead: ~48% against ~58%,
+    bench/bench_vs_saelens_cpu.txt); else those, on the k_aux picked a row."""
     raw = sae.arch in ("relu", "jumprelu")
     with torch.no_grad():
         dead = dead_mask.nonzero().squeeze(1)
         k_aux = min(sae.k_aux, dead.numel())
         if k_aux == 0:
             return None
-    W_enc, b_enc, W_dec = sae.W_enc.index_select(1, dead), sae.b_enc[dead], sae.W_dec.index_select(0, dead)
-    b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
+    W_dec = sae.W_dec.index_select(0, dead)
     if k_aux == dead.numel():
-        z = encode(x, W_enc, b_enc, b_dec)
+        z = dead_pre(sae, x, dead)
         return (z if raw else z.relu()) @ W_dec
     with torch.no_grad():
         sub = pre.index_select(1, dead)
         v, j = sub.topk(k_aux, dim=-1, sorted=False) if raw else topk_relu(sub, k_aux)
     pat = SparsePattern.from_topk(j, dead.numel())
-    vals = _SparseEncode.apply(v.reshape(-1), x_c, W_enc, b_enc, b_dec, pat)
+    b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
+    vals = _SparseEncode.apply(v.reshape(-1), x_c, sae.W_enc.index_select(1, dead), sae.b_enc[dead], b_dec, pat)
     return _SparseDecode.apply(vals if raw else vals.relu(), W_dec, pat)
