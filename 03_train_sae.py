@@ -272,23 +272,27 @@ class Schedule:
         to 0 over the last decay_frac (Conerly et al. 2024).
     plateau (default): warmup over --warmup-steps, then flat until the held-out loss stops
         improving (`update`, every --eval-every steps): the best held-out FVU of the last W
-        evaluations beats the best before them by less than max(tol * best_before, 0.001), the
-        dead fraction fell by less than 0.5 points over those W evaluations, and (relu, jumprelu)
-        the held-out L0 is within 10% of k. For relu and jumprelu only the evaluations since L0
-        last came within 10% of k count: before that the code is denser than the target and its
-        FVU lower than any sparse code's, so comparing against it would call the first sparse
-        evaluations a plateau and stop a run that has only just reached its sparsity. Then lr
+        evaluations beats the best before them by less than max(tol * best_before, 0.001), and the
+        dead fraction fell by less than 0.5 points over those W evaluations. For relu and jumprelu
+        only the evaluations since the held-out L0 came within L0_IN (10%) of k count: before that
+        the code is denser than the target and its FVU lower than any sparse code's, so comparing
+        against it would call the first sparse evaluations a plateau and stop a run that has only
+        just reached its sparsity. The count restarts only if L0 then strays beyond L0_OUT (25%):
+        lambda's steering holds the train L0 at k, the held-out L0 sits a few % above it, and a
+        single 10% band had that noise restart the window at random, so a run's stop step was
+        near chance (ReLU at k 2: 9,600-22,080 steps for the same plateau). Then lr
         decays linearly to 0 over decay_frac of the steps done so far and the run stops: the
         decay is what a converged run needs last, not a fixed share of a guessed length. If the
         cap (max steps) comes first, the decay starts in time to end there. `reason` says which,
         for summary.json."""
+    L0_IN, L0_OUT = 0.10, 0.25      # |L0 / k - 1| that starts / restarts the plateau's count (relu, jumprelu)
 
     def __init__(self, lr: float, max_steps: int, warmup: int, decay_frac: float, fixed: bool,
                  window: int = 10, tol: float = 0.02):
         self.lr0, self.max_steps, self.warmup, self.decay_frac, self.fixed = lr, max_steps, warmup, decay_frac, fixed
         self.window, self.tol = window, tol
         self.fvu, self.dead = [], []
-        self.since = 0                  # evaluations before this index had L0 away from k
+        self.since = None               # index of the evaluation L0 reached k at (None: not yet, or strayed)
         self.decay_start, self.end, self.reason = None, max_steps, None
         if fixed:
             self.decay_start, self.reason = max_steps - int(decay_frac * max_steps), "fixed length (--tokens)"
@@ -302,15 +306,18 @@ class Schedule:
             return self.lr0 * max(0.0, (self.end - step) / max(1, self.end - self.decay_start))
         return self.lr0
 
-    def update(self, done: int, fvu: float, dead_frac: float, l0_ok: bool) -> None:
-        """After step `done`: record the held-out FVU and dead fraction; start the decay at a plateau."""
+    def update(self, done: int, fvu: float, dead_frac: float, l0_err: float) -> None:
+        """After step `done`: record the held-out FVU, dead fraction and |L0 / k - 1| (0 where k is
+        exact); start the decay at a plateau."""
         if self.fixed or self.decay_start is not None:
             return
         self.fvu.append(fvu)
         self.dead.append(dead_frac)
-        if not l0_ok:
-            self.since = len(self.fvu)
-        W, fvu_ok = self.window, self.fvu[self.since:]
+        if l0_err > self.L0_OUT:
+            self.since = None
+        elif self.since is None and l0_err <= self.L0_IN:
+            self.since = len(self.fvu) - 1
+        W, fvu_ok = self.window, self.fvu[self.since:] if self.since is not None else []
         if len(fvu_ok) >= 2 * W:
             before, recent = min(fvu_ok[:-W]), min(fvu_ok[-W:])
             flat = before - recent < max(self.tol * before, 1e-3)
@@ -329,7 +336,7 @@ class Schedule:
                 "end": self.end, "reason": self.reason}
 
     def load(self, st: dict) -> None:
-        self.fvu, self.dead, self.since = list(st["fvu"]), list(st["dead"]), int(st.get("since", 0))
+        self.fvu, self.dead, self.since = list(st["fvu"]), list(st["dead"]), st.get("since", 0)
         self.decay_start, self.end, self.reason = st["decay_start"], st["end"], st["reason"]
 
 
@@ -800,7 +807,7 @@ def train(args, dist: Dist, dev: torch.device):
             held = evaluate(run.sae, eval_rows) if (plateau_eval or log) else {}
             if plateau_eval and held:
                 run.schedule.update(done, 1.0 - held["ev"], float((run.since_fired >= dead_tokens).float().mean()),
-                                    args.arch in ("topk", "batchtopk") or abs(held["l0"] / run.k - 1) <= 0.10)
+                                    0.0 if args.arch in ("topk", "batchtopk") else abs(held["l0"] / run.k - 1))
             if log:
                 terms = dist.all_reduce_mean_(torch.stack([out.loss.detach()] + [v.detach() for v in out.losses.values()]).double())
                 if dist.master:
