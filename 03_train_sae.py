@@ -61,6 +61,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -738,8 +739,25 @@ def start_wandb(wandb, args, runs: list[Run], d_in: int, max_steps: int) -> None
                config={**vars(args), **sizes, "d_in": d_in, "max_steps": max_steps, "saes": [r.name for r in runs]})
 
 
-def train(args, dist: Dist, dev: torch.device):
-    # --- data and sizes (everything is checked before anything is written) -------------------
+@dataclass
+class Shared:
+    """What every SAE of one pass shares: the data (scaled to unit mean squared norm), the
+    held-out rows, the sizes, and where records go."""
+    acts: Acts
+    runs: list
+    x_held: torch.Tensor
+    eval_rows: torch.Tensor
+    scale: float
+    source: object                 # lib.activations' batch source: source.batch(step)
+    max_steps: int
+    dead_tokens: int
+    start: int
+    wandb: object = None
+
+
+def prepare(args, dist: Dist, dev: torch.device) -> Shared:
+    """Data and sizes (everything checked before anything is written), then each SAE, its
+    optimiser and its training state (or its checkpoint)."""
     acts, x_train, x_held = load_data(args)
     runs = plan_runs(args, acts.d_in)
     n_train = acts.n_train
@@ -766,7 +784,6 @@ def train(args, dist: Dist, dev: torch.device):
     source = acts.batches(args.batch_size, args.seed[0], dist.rank, dist.world_size, x_train=x_train,
                           buffer_rows=args.buffer_rows, scale=scale, device=dev)
 
-    # --- each SAE, its optimiser and its training state (or its checkpoint) -------------------
     meta = {"acts_sha256_1mb": acts.sha256_1mb, "d_in": acts.d_in, "n_train": n_train, "input_scale": scale,
             "data": source.state()}
     for run in runs:
@@ -774,25 +791,63 @@ def train(args, dist: Dist, dev: torch.device):
         restore_run(run, args, acts, meta, dev, dist)
     check(len({r.start for r in runs}) == 1, "--resume: the SAEs of this run were checkpointed at different steps "
                                              f"({', '.join(f'{r.name} {r.start}' for r in runs)}); pass --overwrite")
-    start = runs[0].start
     if wandb is not None:
         start_wandb(wandb, args, runs, acts.d_in, max_steps)
+    return Shared(acts, runs, x_held, eval_rows, scale, source, max_steps, dead_tokens, runs[0].start, wandb)
+
+
+def after_step(sh: Shared, run: Run, out, step: int, x: torch.Tensor, log: bool, ckpt: bool, tps: float,
+               args, dist: Dist, dev, bar) -> None:
+    """(4) for one SAE after its step: evaluate (the plateau rule), log, checkpoint, and finish
+    it where its schedule ends (the rest of the pass goes on)."""
+    done = step + 1
+    plateau_eval = not run.schedule.fixed and done % args.eval_every == 0
+    held = evaluate(run.sae, sh.eval_rows) if (plateau_eval or log) else {}
+    dead_frac = float((run.since_fired >= sh.dead_tokens).float().mean()) if (plateau_eval or log) else None
+    if plateau_eval and held:
+        run.schedule.update(done, 1.0 - held["ev"], dead_frac,
+                            0.0 if args.arch in ("topk", "batchtopk") else abs(held["l0"] / run.k - 1))
+    several = len(sh.runs) > 1                      # W&B keys name the SAE
+    if log:
+        terms = dist.all_reduce_mean_(torch.stack([out.loss.detach()] + [v.detach() for v in out.losses.values()]).double())
+        if dist.master:
+            rec = log_record(done, args.batch_size, run.schedule.lr(step), out, terms, x, run.l0, dead_frac, tps,
+                             run.lam, run.sae, held)
+            append_jsonl(run.out / "metrics.jsonl", rec)
+            if sh.wandb is not None:
+                sh.wandb.log({(f"{run.name}/{k}" if several else k): v for k, v in rec.items()}, step=done)
+            bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['ev']:.3f}", l0=f"{rec['l0']:.1f}")
+    if dist.master and (ckpt or done == run.schedule.end):
+        save_checkpoint(run.out / CKPT, run.sae, run.opt, done, run.since_fired, run.lam, run.ckpt_meta,
+                        run.schedule.state())
+    if done == run.schedule.end:
+        run.finished = True
+        if dist.master:
+            held = finish_run(run, args, sh.acts, sh.x_held, sh.scale, dev, dist, sh.dead_tokens,
+                              [r.name for r in sh.runs if r is not run])
+            if sh.wandb is not None:
+                sh.wandb.log({(f"final/{run.name}/{k}" if several else f"final/{k}"): v for k, v in held.items()})
+
+
+def train(args, dist: Dist, dev: torch.device):
+    sh = prepare(args, dist, dev)
+    runs, start = sh.runs, sh.start
 
     # --- the loop: every batch is read once and each live SAE takes its step on it -----------
     groups = plan_groups(runs, args)
     for g in groups:
         g.restack()
     from tqdm import tqdm
-    bar = tqdm(total=max_steps, initial=start, disable=args.quiet or not dist.master or not sys.stderr.isatty(),
+    bar = tqdm(total=sh.max_steps, initial=start, disable=args.quiet or not dist.master or not sys.stderr.isatty(),
                unit="step", dynamic_ncols=True)
     t_last, tok_last = time.perf_counter(), start * args.batch_size
-    stop_at = max_steps if args.stop_after_steps is None else min(max_steps, start + args.stop_after_steps)
+    stop_at = sh.max_steps if args.stop_after_steps is None else min(sh.max_steps, start + args.stop_after_steps)
     for step in range(start, stop_at):
         if all(r.finished for r in runs):
             break
-        x = source.batch(step)
+        x = sh.source.batch(step)
         stepped = [(r, o) for g in groups if g.members for r, o in zip(g.members, train_step(g, x, step, args, dist,
-                                                                                                dead_tokens))]
+                                                                                                sh.dead_tokens))]
 
         # (4) evaluate (the plateau rule), log, checkpoint, finish the SAEs whose schedule ends here
         done = step + 1
@@ -803,31 +858,7 @@ def train(args, dist: Dist, dev: torch.device):
                 g.sync(adam=ckpt or any(done == r.schedule.end for r in g.members))
         tps = (done * args.batch_size - tok_last) / max(1e-9, time.perf_counter() - t_last)
         for run, out in stepped:
-            plateau_eval = not run.schedule.fixed and done % args.eval_every == 0
-            held = evaluate(run.sae, eval_rows) if (plateau_eval or log) else {}
-            if plateau_eval and held:
-                run.schedule.update(done, 1.0 - held["ev"], float((run.since_fired >= dead_tokens).float().mean()),
-                                    0.0 if args.arch in ("topk", "batchtopk") else abs(held["l0"] / run.k - 1))
-            if log:
-                terms = dist.all_reduce_mean_(torch.stack([out.loss.detach()] + [v.detach() for v in out.losses.values()]).double())
-                if dist.master:
-                    rec = log_record(done, args.batch_size, run.schedule.lr(step), out, terms, x, run.l0,
-                                     float((run.since_fired >= dead_tokens).float().mean()), tps, run.lam, run.sae, held)
-                    append_jsonl(run.out / "metrics.jsonl", rec)
-                    if wandb is not None:
-                        wandb.log({(f"{run.name}/{k}" if len(runs) > 1 else k): v for k, v in rec.items()}, step=done)
-                    bar.set_postfix(loss=f"{rec['loss']:.4g}", ev=f"{rec['ev']:.3f}", l0=f"{rec['l0']:.1f}")
-            if dist.master and (ckpt or done == run.schedule.end):
-                save_checkpoint(run.out / CKPT, run.sae, run.opt, done, run.since_fired, run.lam, run.ckpt_meta,
-                                run.schedule.state())
-            if done == run.schedule.end:                   # this SAE is done: save it, the rest go on
-                run.finished = True
-                if dist.master:
-                    held = finish_run(run, args, acts, x_held, scale, dev, dist, dead_tokens,
-                                      [r.name for r in runs if r is not run])
-                    if wandb is not None:
-                        wandb.log({(f"final/{run.name}/{k}" if len(runs) > 1 else f"final/{k}"): v
-                                   for k, v in held.items()})
+            after_step(sh, run, out, step, x, log, ckpt, tps, args, dist, dev, bar)
         for g in groups:
             if any(r.finished for r in g.members):        # the rest of a stack go on without it
                 g.restack()
@@ -836,9 +867,8 @@ def train(args, dist: Dist, dev: torch.device):
         bar.update(1)
     bar.close()
     dist.barrier()
-    if wandb is not None:
-        wandb.finish()
-
+    if sh.wandb is not None:
+        sh.wandb.finish()
 
 if __name__ == "__main__":
     run_main(main)
