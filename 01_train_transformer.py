@@ -157,13 +157,7 @@ def train(args) -> dict:
 
         last = step == args.steps - 1 or step + 1 >= stop_at
         if step % args.eval_every == 0 or last:
-            model.eval()
-            with torch.no_grad():
-                te_logits = model(x_te)
-                rec = {"step": step, "time_s": round(time.time() - t0, 3),
-                       "train_loss": float(loss), "train_acc": float((logits.argmax(-1) == y_tr).float().mean()),
-                       "test_loss": float(F.cross_entropy(te_logits, y_te)),
-                       "test_acc": float((te_logits.argmax(-1) == y_te).float().mean())}
+            rec = {"step": step, "time_s": round(time.time() - t0, 3), **measure(model, logits, loss, y_tr, x_te, y_te)}
             append_jsonl(metrics_path, rec)
             history.append(rec)
             bar.set_postfix(train=f"{rec['train_acc']:.3f}", test=f"{rec['test_acc']:.3f}")
@@ -178,14 +172,27 @@ def train(args) -> dict:
                 held_since = None
         if step + 1 >= stop_at:
             break
-    train_time = time.time() - t0
+    summary = {"steps": step + 1, "train_time_s": round(time.time() - t0, 2), "grok_step": grok_step,
+               "grokked": history[-1]["test_acc"] >= args.target_acc, "final": history[-1]}
+    return save_model(args, out, cfg, model, history, summary, train_idx, test_idx)
+
+
+def measure(model, logits, loss, y_tr, x_te, y_te) -> dict:
+    """Train loss and accuracy of the step just taken; test loss and accuracy now."""
+    model.eval()
+    with torch.no_grad():
+        te_logits = model(x_te)
+        return {"train_loss": float(loss), "train_acc": float((logits.argmax(-1) == y_tr).float().mean()),
+                "test_loss": float(F.cross_entropy(te_logits, y_te)),
+                "test_acc": float((te_logits.argmax(-1) == y_te).float().mean())}
+
+
+def save_model(args, out, cfg, model, history, summary, train_idx, test_idx) -> dict:
+    """The Fourier analysis, the figure, config.json, then the weights (last: they mark a
+    finished run)."""
     model = model.cpu().eval()
-    final = history[-1]
     fourier = modadd.fourier_analysis(model, train_idx=train_idx)
     model.float()
-
-    summary = {"steps": step + 1, "train_time_s": round(train_time, 2), "grok_step": grok_step,
-               "grokked": final["test_acc"] >= args.target_acc, "final": final}
     cfg_json = {"model": modadd.config_dict(cfg), "data": {"p": args.p, "train_frac": args.train_frac,
                 "split_seed": args.seed, "n_train": len(train_idx), "n_test": len(test_idx),
                 "sequence": "[a, b, =]", "eq_token": args.p, "loss_position": "= only"},
@@ -193,7 +200,6 @@ def train(args) -> dict:
     save_json(fourier, out / "fourier.json")
     plot(history, modadd.embedding_frequency_norms(model.W_E.detach(), args.p), fourier, out / "fourier.png")
     save_json(cfg_json, out / "config.json")
-    # The weights go last: their presence marks a finished run.
     save_tensors(dict(model.state_dict()), out / "model.safetensors",
                  metadata={"config": cfg_json["model"], "code_version": cfg_json["code_version"]})
     return summary | {"key_frequencies": fourier["key_frequencies"]}
