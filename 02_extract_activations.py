@@ -220,14 +220,10 @@ def extract_lm(args, dist: Dist):
                 print(f"stopped after {new_shards} new shard(s) (--stop-after-shards)", file=sys.stderr)
             return
         idx = mine[pos: pos + per_shard]
-        rows = []
         t1 = time.perf_counter()
-        for b in range(0, len(idx), args.batch_contexts):
-            ids = contexts[idx[b: b + args.batch_contexts]].to(dist.device)
-            x = lm.hooked_forward(model, ids, layer, args.site, stop=stop)
-            rows.append(x[:, args.skip_first:].reshape(-1, d).to(dtype).cpu())
+        acts = forward_contexts(args, model, contexts[idx], layer, d, dtype, stop, dist.device)
         t2 = time.perf_counter()
-        save_tensors({"activations": torch.cat(rows), "tokens": contexts[idx].to(torch.int32),
+        save_tensors({"activations": acts, "tokens": contexts[idx].to(torch.int32),
                       "context_index": idx.clone(), "heldout": is_heldout_context(idx, args.holdout_frac, args.seed)},
                      out / shard_name(dist.rank, k),
                      metadata={"fingerprint": fingerprint, "first_local": str(pos), "n_contexts": str(len(idx)),
@@ -249,6 +245,16 @@ def extract_lm(args, dist: Dist):
                   "rows_per_s_this_run": rows_new / max(1e-9, loop_s)}
         write_manifest(args, dist, spec, model, tok, layer, hf_module, d, bos, P, len(contexts), text_fp,
                        per_shard, fingerprint, timing)
+
+
+def forward_contexts(args, model, contexts: torch.Tensor, layer: int, d: int, dtype, stop: bool, device) -> torch.Tensor:
+    """The site's activations [n_contexts * P, d] of these contexts [n_contexts, ctx_len], in
+    batches of --batch-contexts, without the first --skip-first positions of each."""
+    rows = []
+    for b in range(0, len(contexts), args.batch_contexts):
+        x = lm.hooked_forward(model, contexts[b: b + args.batch_contexts].to(device), layer, args.site, stop=stop)
+        rows.append(x[:, args.skip_first:].reshape(-1, d).to(dtype).cpu())
+    return torch.cat(rows)
 
 
 def resume_point(args, out: Path, dist: Dist, fingerprint: str) -> tuple[int, int]:
