@@ -206,12 +206,8 @@ def fit_value_tables(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: int,
     # directly): the difference and every other line a + m b, m = 2 .. p - 2.
     d_res = _group_mean(resid, _line_variable(a, b, 1, -1, p), p)
     resid_share = 1.0 - additive
-    lines = {}
     check_lines = check_lines and _is_prime(p)      # the p + 1 lines partition the grid's characters only for prime p
-    if check_lines:
-        for m in range(2, p - 1):
-            T = _group_mean(resid, _line_variable(a, b, 1, m, p), p)
-            lines[m] = (float(p * T.pow(2).sum() / ss), T)
+    lines = _other_lines(resid, a, b, p, ss) if check_lines else {}
     other_total = sum(s for s, _ in lines.values())
     lines_total = additive + info_t["difference"]["share"] + other_total if check_lines else None
     for m, (s, T) in lines.items():
@@ -219,14 +215,7 @@ def fit_value_tables(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: int,
             nm = f"line_a+{m}b"
             tables[nm] = T
             info_t[nm] = {"variable": f"(a+{m}b)%p", "coef": [1, m], **_table_info(T, p, ss)}
-
-    feats = []
-    if merged:
-        if info_t["operand"]["share"] >= min_share:
-            feats.append("operand")
-    else:
-        feats += [n for n in ("operand_a", "operand_b") if info_t[n]["share"] >= min_share]
-    feats += [n for n in info_t if n not in ("operand", "operand_a", "operand_b") and info_t[n]["share"] >= min_share]
+    feats = _feature_sets(info_t, merged, min_share)
 
     site_keys = []
     for n in feats:
@@ -260,6 +249,28 @@ def fit_value_tables(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: int,
         },
     }
     return GroundTruth(p=p, mu=mu, tables=tables, info=info)
+
+
+def _other_lines(resid: torch.Tensor, a, b, p: int, ss: float) -> dict:
+    """{m: (share of SS, table)} for every other line a + m b, m = 2 .. p - 2, fitted on the
+    additive fit's residual (the lines are orthogonal on the grid)."""
+    lines = {}
+    for m in range(2, p - 1):
+        T = _group_mean(resid, _line_variable(a, b, 1, m, p), p)
+        lines[m] = (float(p * T.pow(2).sum() / ss), T)
+    return lines
+
+
+def _feature_sets(info_t: dict, merged: bool, min_share: float) -> list[str]:
+    """The material tables (share >= min_share): the operand as one set where A and B point the
+    same way (merged), else operand_a and operand_b; then the answer, difference and other lines."""
+    feats = []
+    if merged:
+        if info_t["operand"]["share"] >= min_share:
+            feats.append("operand")
+    else:
+        feats += [n for n in ("operand_a", "operand_b") if info_t[n]["share"] >= min_share]
+    return feats + [n for n in info_t if n not in ("operand", "operand_a", "operand_b") and info_t[n]["share"] >= min_share]
 
 
 def fit_acts_file(acts_path, p: int | None = None, **kw) -> GroundTruth:
