@@ -61,7 +61,6 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -275,25 +274,24 @@ class Schedule:
         improving (`update`, every --eval-every steps): the best held-out FVU of the last W
         evaluations beats the best before them by less than max(tol * best_before, 0.001), and the
         dead fraction fell by less than 0.5 points over those W evaluations. For relu and jumprelu
-        only the evaluations since the held-out L0 came within L0_IN (10%) of k count: before that
-        the code is denser than the target and its FVU lower than any sparse code's, so comparing
-        against it would call the first sparse evaluations a plateau and stop a run that has only
-        just reached its sparsity. The count restarts only if L0 then strays beyond L0_OUT (25%):
-        lambda's steering holds the train L0 at k, the held-out L0 sits a few % above it, and a
-        single 10% band had that noise restart the window at random, so a run's stop step was
-        near chance (ReLU at k 2: 9,600-22,080 steps for the same plateau). Then lr
+        only the evaluations with the held-out L0 within 10% of k count (l0_ok): a denser code has
+        a lower FVU than any code at L0 = k, so comparing against it (the dense start, or a dense
+        excursion) would call the sparse evaluations after it a plateau and stop a run that is
+        still improving. The others are left out, not a reason to start the count again: the
+        held-out L0 of a steered run wanders a few % either side of the 10% edge, and restarting
+        the count there made a run's stop step near chance (ReLU at k 2: 9,600-22,080 steps for
+        the same plateau). Then lr
         decays linearly to 0 over decay_frac of the steps done so far and the run stops: the
         decay is what a converged run needs last, not a fixed share of a guessed length. If the
         cap (max steps) comes first, the decay starts in time to end there. `reason` says which,
         for summary.json."""
-    L0_IN, L0_OUT = 0.10, 0.25      # |L0 / k - 1| that starts / restarts the plateau's count (relu, jumprelu)
 
     def __init__(self, lr: float, max_steps: int, warmup: int, decay_frac: float, fixed: bool,
                  window: int = 10, tol: float = 0.02):
         self.lr0, self.max_steps, self.warmup, self.decay_frac, self.fixed = lr, max_steps, warmup, decay_frac, fixed
         self.window, self.tol = window, tol
         self.fvu, self.dead = [], []
-        self.since = None               # index of the evaluation L0 reached k at (None: not yet, or strayed)
+        self.ok = []                    # per evaluation: its L0 near k, so it counts (relu, jumprelu)
         self.decay_start, self.end, self.reason = None, max_steps, None
         if fixed:
             self.decay_start, self.reason = max_steps - int(decay_frac * max_steps), "fixed length (--tokens)"
@@ -307,18 +305,15 @@ class Schedule:
             return self.lr0 * max(0.0, (self.end - step) / max(1, self.end - self.decay_start))
         return self.lr0
 
-    def update(self, done: int, fvu: float, dead_frac: float, l0_err: float) -> None:
-        """After step `done`: record the held-out FVU, dead fraction and |L0 / k - 1| (0 where k is
-        exact); start the decay at a plateau."""
+    def update(self, done: int, fvu: float, dead_frac: float, l0_ok: bool) -> None:
+        """After step `done`: record the held-out FVU, dead fraction and whether L0 is near k;
+        start the decay at a plateau."""
         if self.fixed or self.decay_start is not None:
             return
         self.fvu.append(fvu)
         self.dead.append(dead_frac)
-        if l0_err > self.L0_OUT:
-            self.since = None
-        elif self.since is None and l0_err <= self.L0_IN:
-            self.since = len(self.fvu) - 1
-        W, fvu_ok = self.window, self.fvu[self.since:] if self.since is not None else []
+        self.ok.append(bool(l0_ok))
+        W, fvu_ok = self.window, [f for f, ok in zip(self.fvu, self.ok) if ok]
         if len(fvu_ok) >= 2 * W:
             before, recent = min(fvu_ok[:-W]), min(fvu_ok[-W:])
             flat = before - recent < max(self.tol * before, 1e-3)
@@ -333,11 +328,13 @@ class Schedule:
             self.decay_start, self.reason = done, "maximum length (--max-tokens) reached before a plateau"
 
     def state(self) -> dict:
-        return {"fvu": self.fvu, "dead": self.dead, "since": self.since, "decay_start": self.decay_start,
+        return {"fvu": self.fvu, "dead": self.dead, "ok": self.ok, "decay_start": self.decay_start,
                 "end": self.end, "reason": self.reason}
 
     def load(self, st: dict) -> None:
-        self.fvu, self.dead, self.since = list(st["fvu"]), list(st["dead"]), st.get("since", 0)
+        self.fvu, self.dead = list(st["fvu"]), list(st["dead"])
+        since = int(st.get("since", 0))                # checkpoints before the "ok" list: the count's start
+        self.ok = [bool(o) for o in st["ok"]] if "ok" in st else [i >= since for i in range(len(self.fvu))]
         self.decay_start, self.end, self.reason = st["decay_start"], st["end"], st["reason"]
 
 
@@ -739,20 +736,16 @@ def start_wandb(wandb, args, runs: list[Run], d_in: int, max_steps: int) -> None
                config={**vars(args), **sizes, "d_in": d_in, "max_steps": max_steps, "saes": [r.name for r in runs]})
 
 
-@dataclass
 class Shared:
     """What every SAE of one pass shares: the data (scaled to unit mean squared norm), the
-    held-out rows, the sizes, and where records go."""
-    acts: Acts
-    runs: list
-    x_held: torch.Tensor
-    eval_rows: torch.Tensor
-    scale: float
-    source: object                 # lib.activations' batch source: source.batch(step)
-    max_steps: int
-    dead_tokens: int
-    start: int
-    wandb: object = None
+    held-out rows, the sizes, and where records go. (A plain class: 03 is also loaded as a file,
+    outside sys.modules, where a dataclass cannot resolve its annotations.)"""
+
+    def __init__(self, acts: Acts, runs: list, x_held: torch.Tensor, eval_rows: torch.Tensor, scale: float,
+                 source, max_steps: int, dead_tokens: int, start: int, wandb=None):
+        self.acts, self.runs, self.x_held, self.eval_rows, self.scale = acts, runs, x_held, eval_rows, scale
+        self.source = source                        # lib.activations' batch source: source.batch(step)
+        self.max_steps, self.dead_tokens, self.start, self.wandb = max_steps, dead_tokens, start, wandb
 
 
 def prepare(args, dist: Dist, dev: torch.device) -> Shared:
@@ -806,7 +799,7 @@ def after_step(sh: Shared, run: Run, out, step: int, x: torch.Tensor, log: bool,
     dead_frac = float((run.since_fired >= sh.dead_tokens).float().mean()) if (plateau_eval or log) else None
     if plateau_eval and held:
         run.schedule.update(done, 1.0 - held["ev"], dead_frac,
-                            0.0 if args.arch in ("topk", "batchtopk") else abs(held["l0"] / run.k - 1))
+                            args.arch in ("topk", "batchtopk") or abs(held["l0"] / run.k - 1) <= 0.10)
     several = len(sh.runs) > 1                      # W&B keys name the SAE
     if log:
         terms = dist.all_reduce_mean_(torch.stack([out.loss.detach()] + [v.detach() for v in out.losses.values()]).double())
