@@ -96,7 +96,8 @@ def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> dict:
 def sparsity_metrics(acts: torch.Tensor) -> dict:
     freq = M.firing_frequency(acts)
     alive = freq[freq > 0]
-    return {"l0": M.l0(acts), "dead_fraction": M.dead_fraction(acts), "dense_fraction": M.dense_fraction(acts),
+    return {"l0": M.l0(acts), "dead_fraction": M.dead_fraction(acts),
+            "empty_fraction": M.empty_fraction(acts), "dense_fraction": M.dense_fraction(acts),
             "dense_threshold": 0.1, "n_latents": int(acts.shape[1]), "n_dead": int((freq == 0).sum()),
             "log10_firing_frequency_quantiles": (
                 {q: float(alive.log10().quantile(float(q))) for q in ("0.1", "0.5", "0.9")} if len(alive) else {})}
@@ -250,7 +251,9 @@ def file_metrics(args, sae: SAE, acts: Acts, cache: dict) -> dict:
            "reconstruction": reconstruction_metrics(x_held, x_hat), "sparsity": sparsity_metrics(codes),
            "downstream": None, "ground_truth": None, "_inputs": {}}
     if acts.n_rows <= 200_000:          # context for the held-out figure: rare latents miss a small hold-out
-        res["sparsity"]["dead_fraction_all_rows"] = M.dead_fraction(encode_all(sae, acts.x)[0])
+        all_codes = encode_all(sae, acts.x)[0]
+        res["sparsity"]["dead_fraction_all_rows"] = M.dead_fraction(all_codes)
+        res["sparsity"]["empty_fraction_all_rows"] = M.empty_fraction(all_codes)
         res["sparsity"]["all_rows"] = acts.n_rows
     notes = []
     if {"a", "b"} <= set(acts.labels):

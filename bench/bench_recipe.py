@@ -13,7 +13,8 @@ F1 > 0.9 (the code's view, which a decoder offset shared with b_dec cannot move:
 at resid_mid it is the operand column to read), and "refit": the EV of the best affine decoder of the site
 from the SAE's code (metrics.refit_explained_variance, over all rows), which undoes shrinkage:
 where it is near TopK's EV and the SAE's own EV is not, the code picked the right latents and
-lost only in their magnitudes. Goals: dead <= 10% (TopK <= 5%), EV within 0.03 of TopK at
+lost only in their magnitudes; "empty": rows (all p^2) on which no latent fires, reconstructed as b_dec
+alone (bench/empty_rows.py: at resid_post they lose the model's answer). Goals: dead <= 10% (TopK <= 5%), EV within 0.03 of TopK at
 the same config, L0 within 10% of k. Needs the seed-42 model's activations (run_all.sh makes them,
 or: 01 --seed 42 --out runs/modadd/seed42; 02 --run runs/modadd/seed42 --site S --out ...).
 """
@@ -56,6 +57,7 @@ def score(acts_path: Path, out: Path) -> dict:
     gt, _ = G.load_or_fit(acts)
     rec = G.score_decoder(gt, sae.W_dec.detach().double(), acts=codes, a=acts.labels["a"], b=acts.labels["b"])
     return {"ev": s["heldout"]["ev"], "l0": s["heldout"]["l0"], "dead": M.dead_fraction(codes), "steps": s["steps"],
+            "empty": M.empty_fraction(codes),
             "refit": M.refit_explained_variance(acts.x, codes),
             "stop": s["stop_reason"], "lr": s["lr"], "batch": s["config"]["batch_size"],
             **{f"rec_{n}": v["recovered"] for n, v in rec.items()},
@@ -89,12 +91,12 @@ def main():
         secs = list(pool.map(lambda j: train(j[2], j[3], j[1], j[4], j[5], a.extra), jobs))
     rows = [(j, s, score(j[2], j[3])) for j, s in zip(jobs, secs)]
     print(f"03 defaults, {len(rows)} runs, {a.jobs} side by side, 1 torch thread each")
-    print(f"{'config':16s} {'arch':10s} {'EV':>7s} {'dTopK':>6s} {'refit':>6s} {'L0':>6s} {'dead':>6s} {'answer':>7s} "
+    print(f"{'config':16s} {'arch':10s} {'EV':>7s} {'dTopK':>6s} {'refit':>6s} {'L0':>6s} {'dead':>6s} {'empty':>6s} {'answer':>7s} "
           f"{'operand':>7s} {'firing':>9s} {'steps':>6s} {'batch':>5s} {'lr':>8s} {'s':>6s}  stop")
     topk_ev = {j[0]: r["ev"] for j, _, r in rows if j[1] == "topk"}
     for j, s, r in rows:
         d_ev = r["ev"] - topk_ev.get(j[0], float("nan"))
-        print(f"{j[0]:16s} {j[1]:10s} {r['ev']:7.4f} {d_ev:+6.3f} {r['refit']:6.3f} {r['l0']:6.2f} {100 * r['dead']:5.1f}% "
+        print(f"{j[0]:16s} {j[1]:10s} {r['ev']:7.4f} {d_ev:+6.3f} {r['refit']:6.3f} {r['l0']:6.2f} {100 * r['dead']:5.1f}% {100 * r['empty']:5.2f}% "
               f"{100 * r.get('rec_answer', float('nan')):6.1f}% {100 * r.get('rec_operand', float('nan')):6.1f}% "
               f"{100 * r.get('fire_answer', float('nan')):4.0f}/{100 * r.get('fire_operand', float('nan')):3.0f}% "
               f"{r['steps']:6d} {r['batch']:5d} {r['lr']:8.2e} {s:6.0f}  {r['stop']}")

@@ -86,6 +86,14 @@ def dead_fraction(acts: torch.Tensor) -> float:
     return float((firing_frequency(acts) == 0).double().mean())
 
 
+def empty_fraction(acts: torch.Tensor) -> float:
+    """Fraction of rows on which no latent fires: mean_n 1[f_n == 0]. Such a row is reconstructed
+    as b_dec alone. An exact-k code (TopK) has none; a thresholded one (ReLU, JumpReLU, BatchTopK at
+    inference) can, and on modular addition those rows lose the answer: they are where JumpReLU's
+    KL comes from (README, "What the per-configuration table shows")."""
+    return float(((acts != 0).sum(-1) == 0).double().mean())
+
+
 def dense_fraction(acts: torch.Tensor, threshold: float = 0.1) -> float:
     """Fraction of latents active on more than `threshold` (10%) of rows: mean_i 1[freq_i > 0.1]."""
     return float((firing_frequency(acts) > threshold).double().mean())

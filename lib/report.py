@@ -364,16 +364,17 @@ def modadd_table(es: list) -> list[str]:
     for e in es:
         by_cfg[config_of(e)].append(e)
     lines = ["| arch | k / latents | seeds | EV (held-out) | L0 | dead % (all rows) | dead % (held-out rows) | "
-             "loss recovered | KL (SAE / zero) | selectivity (answer / operand) | "
+             "rows with no latent % (all rows) | loss recovered | KL (SAE / zero) | selectivity (answer / operand) | "
              "recovered by firing (answer / operand) | plane share (answer) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|" + "---|" * 13]
     for (arch, k, d_sae), g in sorted(by_cfg.items(), key=lambda kv: (arch_key(kv[0][0]), kv[0][1] or 0, kv[0][2])):
         def col(*path):
             return [get(e, *path) for e in g]
         lines.append("| " + " | ".join([
             arch, f"{k} / {d_sae}", str(len(g)), ms(col("reconstruction", "explained_variance")),
             ms(col("sparsity", "l0"), "{:.1f}"), ms(col("sparsity", "dead_fraction_all_rows"), "{:.1f}", 100),
-            ms(col("sparsity", "dead_fraction"), "{:.1f}", 100), ms(col("downstream", "heldout", "loss_recovered")),
+            ms(col("sparsity", "dead_fraction"), "{:.1f}", 100),
+            ms(col("sparsity", "empty_fraction_all_rows"), "{:.2f}", 100), ms(col("downstream", "heldout", "loss_recovered")),
             f"{ms(col('downstream', 'heldout', 'kl_sae'), '{:.4f}')} / {ms(col('downstream', 'heldout', 'kl_zero'), '{:.2f}')}",
             f"{ms(col('ground_truth', 'sae', 'answer', 'selectivity'), '{:.2f}')} / "
             f"{ms(col('ground_truth', 'sae', 'operand', 'selectivity'), '{:.2f}')}",

@@ -91,6 +91,9 @@ def test_true_dictionary_scores_ev_one(tmp_path):
     assert rec["cosine_similarity"] == pytest.approx(1.0, abs=1e-5)
     assert rec["l2_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert r["sparsity"]["l0"] == pytest.approx(float((codes[2700:] > 0).sum(1).double().mean()), abs=1e-9)
+    # rows whose planted code is all zero get no latent: the same share, held-out and on all rows
+    assert r["sparsity"]["empty_fraction"] == pytest.approx(float((codes[2700:] == 0).all(1).double().mean()))
+    assert r["sparsity"]["empty_fraction_all_rows"] == pytest.approx(float((codes == 0).all(1).double().mean()))
     assert r["rows"]["heldout"] == 300 and r["downstream"] is None and r["ground_truth"] is None
     assert r["sae"]["seed"] == 7 and "code_version" in r and r["config"]["sae"] == str(tmp_path / "sae")
     assert Path(r["figures"]["density"]).is_file()

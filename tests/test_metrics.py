@@ -57,6 +57,9 @@ def test_sparsity_metrics():
     assert M.dead_fraction(acts) == 0.25
     assert M.dense_fraction(acts) == 0.5
     assert M.l0(acts) == pytest.approx(1.6)
+    assert M.empty_fraction(acts) == 0.0          # latent 0 fires on every row
+    acts[3:, 0] = 0.0                             # rows 5-9 now have no latent at all (rows 3, 4 keep latent 2)
+    assert M.empty_fraction(acts) == 0.5
 
 
 def test_loss_recovered_and_kl():
