@@ -158,9 +158,9 @@ def _sparsity_args(p):
                         "(default 0.005 relu, 0.02 jumprelu)")
     p.add_argument("--l0-coeff", type=float, default=None,
                    help="jumprelu: fixed lambda; default: lambda is steered so that L0 approaches --k")
-    p.add_argument("--bandwidth", type=float, default=5e-3,
+    p.add_argument("--bandwidth", type=float, default=1e-2,
                    help="jumprelu: STE kernel width eps (inputs at unit mean squared norm; SAELens's 0.05 at "
-                        "|x| = sqrt(d_in) is 0.0044 at d_in 128)")
+                        "|x| = sqrt(d_in) is 0.0044 at d_in 128; 0.01 from bench/sweep_bandwidth_cpu.txt)")
     p.add_argument("--init-threshold", type=float, default=1e-3, help="jumprelu: initial theta")
     p.add_argument("--sparsity-loss", choices=("step", "tanh"), default="step",
                    help="jumprelu: lambda * L0 through theta's pseudo-gradient (step, Rajamanoharan et al. 2024) or "
