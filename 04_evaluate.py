@@ -123,8 +123,10 @@ def density_histogram(acts: torch.Tensor, path: Path, title: str) -> Path:
 
 
 @torch.no_grad()
-def modadd_downstream(model, site: str, layer: int, recon_fn, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Clean vs spliced (recon_fn(x) at (site, layer), `=` position) vs zero-ablated logits."""
+def modadd_downstream(model, site: str, layer: int, recon_fn, tokens: torch.Tensor, labels: torch.Tensor,
+                      empty: torch.Tensor | None = None) -> dict:
+    """Clean vs spliced (recon_fn(x) at (site, layer), `=` position) vs zero-ablated logits.
+    empty: [N] bool, the rows whose code has no active latent; their share of the KL is reported."""
     def run(fn):
         outs = []
         for i in range(0, len(tokens), CHUNK):
@@ -138,7 +140,12 @@ def modadd_downstream(model, site: str, layer: int, recon_fn, tokens: torch.Tens
     zero = run(lambda x: torch.zeros_like(x))
     ce = {n: M.cross_entropy(lg, labels) for n, lg in (("clean", clean), ("sae", spliced), ("zero", zero))}
     kl_sae, kl_zero = M.kl_divergence(clean, spliced), M.kl_divergence(clean, zero)
-    return {"rows": len(tokens),
+    extra = {}
+    if empty is not None:
+        kl = M.kl_rows(clean, spliced)
+        extra = {"empty_rows": int(empty.sum()),
+                 "kl_share_empty_rows": float(kl[empty].sum() / kl.sum()) if kl.sum() > 0 else float("nan")}
+    return {"rows": len(tokens), **extra,
             "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
             "loss_recovered": M.loss_recovered(ce["clean"], ce["sae"], ce["zero"]),
             "acc_clean": M.accuracy(clean, labels), "acc_sae": M.accuracy(spliced, labels),
@@ -302,8 +309,9 @@ def modadd_downstream_metrics(sae: SAE, acts: Acts, run: Path, cache: dict) -> d
     def recon(z):
         return sae.decode(sae.encode(z)).to(z.dtype)
     held = ~acts.train
-    return {"heldout": modadd_downstream(model, site, layer, recon, toks[held], labs[held]),
-            "all": modadd_downstream(model, site, layer, recon, toks, labs),
+    empty = (encode_all(sae, x)[0] == 0).all(1)              # rows reconstructed as b_dec alone
+    return {"heldout": modadd_downstream(model, site, layer, recon, toks[held], labs[held], empty[held]),
+            "all": modadd_downstream(model, site, layer, recon, toks, labs, empty),
             "site": site, "layer": layer, "zero_ablation": "the site's activation at `=` replaced by zeros"}
 
 

@@ -61,7 +61,7 @@ def main() -> None:
         fvus = [f"{fvu[l0 == i].mean():.3f}" if rows[i] else "-" for i in range(m + 1)]
         wr = [int((wrong & (l0 == i)).sum()) for i in range(m + 1)]
         share = float(kl[l0 == 0].sum() / kl.sum())
-        name = str(d)[-60:]
+        name = "/".join(d.parts[-3:])[-60:]              # e.g. k2_d256/jumprelu/seed42
         print(f"{name:<60} {' '.join(map(str, rows)):<34} {' '.join(fvus):<34} {' '.join(map(str, wr)):<26} "
               f"{kl.mean():.4f} {share:.2f}")
         if sae.arch == "jumprelu" and rows[0]:

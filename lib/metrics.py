@@ -117,9 +117,14 @@ def loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
 def kl_divergence(logits_ref: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean over rows of KL(P_ref || P) = sum_c P_ref(c) (log P_ref(c) - log P(c)),
     P = softmax(logits); P_ref from the clean model."""
+    return float(kl_rows(logits_ref, logits).mean())
+
+
+def kl_rows(logits_ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per row, KL(P_ref || P) as in kl_divergence: [N] (float64)."""
     lp_ref = torch.log_softmax(logits_ref.double(), -1)
     lp = torch.log_softmax(logits.double(), -1)
-    return float((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean())
+    return (lp_ref.exp() * (lp_ref - lp)).sum(-1)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -157,6 +157,8 @@ def answer_rows(es: list, overlaps: list) -> tuple[list, dict]:
              "ev": [get(e, "reconstruction", "explained_variance") for e in group],
              "l0": [get(e, "sparsity", "l0") for e in group],
              "dead": [get(e, "sparsity", "dead_fraction_all_rows") for e in group], "features": {},
+             "empty": [get(e, "sparsity", "empty_fraction_all_rows") for e in group],
+             "kl_empty": [get(e, "downstream", "all", "kl_share_empty_rows") for e in group],
              "pw_mcc": get(o, "summary", "pw_mcc", "mean"), "pw_mcc_sub": get(o, "baseline_subspace", "pw_mcc", "mean"),
              "overlap": o}
         for f in feats:
@@ -274,6 +276,11 @@ def sentences(site: str, shares: dict, rows: dict) -> list[str]:
                         f"seed; random decoders {pct(x['chance'])}{by_firing})")
         if bits:
             out.append(f"{arch} with k {k} and {d_sae} latents recovers " + "; ".join(bits) + ".")
+        empty, kl_share = mean(r["empty"]), mean(r["kl_empty"])
+        if empty >= 1e-3:                    # a thresholded code can leave a row with no latent at all
+            share = "" if kl_share != kl_share else f"; they carry {pct(kl_share)} of its KL over all inputs"
+            out.append(f"{arch} leaves {100 * empty:.2f}% of the rows with no active latent (reconstructed as "
+                       f"b_dec alone: README, \"Rows with no latent\"){share}.")
     for (label, k, d_sae), r in rows.items():         # a variant beside its architecture's default
         arch, init = split_label(label)
         base, x = rows.get((arch, k, d_sae)), r["features"].get("answer")

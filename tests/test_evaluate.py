@@ -135,6 +135,31 @@ def test_zero_sae_recovers_no_loss(tiny_run, tmp_path):
     assert r["downstream"]["heldout"]["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_rows_with_no_latent_carry_their_share_of_the_kl(tiny_run, tmp_path):
+    """Latent 0 of an identity-like SAE fires only where x_0 > c (c: the 30% quantile of x_0), every
+    other latent never: the rows at or below c have no latent, and 04 counts exactly those. With no
+    latent on any row, all of the KL is theirs."""
+    x = load_tensors_(tiny_run["acts"])["activations"]
+    c = float(x[:, 0].quantile(0.3))
+    s = identity_sae(tiny_run["d"])
+    with torch.no_grad():
+        s.b_enc.fill_(-1e9)                      # latents 1.. never fire
+        s.b_enc[0] = -c                          # latent 0 (decoder row e_0, encoder e_0): fires where x_0 > c
+    r = evaluate(tmp_path / "some", s, tiny_run["acts"], "--run", str(tiny_run["run"]), "--n-random", "1")
+    dark = x[:, 0] <= c
+    assert r["sparsity"]["empty_fraction_all_rows"] == pytest.approx(float(dark.double().mean()))
+    d_all = r["downstream"]["all"]
+    assert d_all["empty_rows"] == int(dark.sum()) and 0.25 < float(dark.double().mean()) < 0.35
+    assert 0.0 < d_all["kl_share_empty_rows"] < 1.0 and d_all["kl_sae"] > 0
+    with torch.no_grad():
+        s.b_enc[0] = -1e9                        # now no row has a latent
+    r = evaluate(tmp_path / "none", s, tiny_run["acts"], "--run", str(tiny_run["run"]), "--n-random", "1")
+    assert r["sparsity"]["empty_fraction_all_rows"] == 1.0 and r["sparsity"]["l0"] == 0.0
+    for split in ("heldout", "all"):
+        assert r["downstream"][split]["kl_share_empty_rows"] == pytest.approx(1.0)
+        assert r["downstream"][split]["empty_rows"] == r["downstream"][split]["rows"]
+
+
 def test_random_decoders_score_at_chance_and_planted_table_rows_score_one(tiny_run, tmp_path):
     t = load_tensors_(tiny_run["acts"])
     x = t["activations"]

@@ -69,6 +69,11 @@ def test_loss_recovered_and_kl():
     assert math.isnan(M.loss_recovered(1.0, 1.0, 1.0))
     lg = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
     assert M.kl_divergence(lg, lg) == pytest.approx(0.0, abs=1e-12)
+    # per row, by hand: P_ref = (1/2, 1/2), P = (1/4, 3/4): KL = 1/2 ln 2 + 1/2 ln(2/3)
+    two = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]])
+    rows = M.kl_rows(two[[0, 0]], two[[0, 1]])
+    assert rows.tolist() == pytest.approx([0.0, 0.5 * math.log(2) + 0.5 * math.log(2 / 3)])
+    assert M.kl_divergence(two[[0, 0]], two[[0, 1]]) == pytest.approx(float(rows.mean()))
     assert M.kl_divergence(lg, lg + 3.0) == pytest.approx(0.0, abs=1e-12)   # softmax shift-invariant
     uniform = torch.zeros_like(lg)
     p = torch.softmax(lg.double(), -1)

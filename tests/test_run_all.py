@@ -48,7 +48,7 @@ def test_quick_run_all_end_to_end(tmp_path):
     assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())      # nothing was redone
 
 
-def fake_eval(arch, seed, ev, l0, answer, chance=0.0, sweep_k=None, init="tied"):
+def fake_eval(arch, seed, ev, l0, answer, chance=0.0, sweep_k=None, init="tied", empty=0.0, kl_empty=float("nan")):
     k, d_sae = (sweep_k, 256) if sweep_k else (3, 384)
     gt = {"features": ["operand", "answer"],
           "tables": {"operand": {"share": 0.068}, "answer": {"share": 0.906}},
@@ -61,8 +61,10 @@ def fake_eval(arch, seed, ev, l0, answer, chance=0.0, sweep_k=None, init="tied")
                     "path": f"x/{arch}-{init}/{seed}/{sweep_k}"},
             "target": "modadd", "acts": "a.safetensors", "site": {"site": "resid_post", "layer": 0},
             "reconstruction": {"explained_variance": ev},
-            "sparsity": {"l0": l0, "dead_fraction": 0.02, "dead_fraction_all_rows": 0.01, "dense_fraction": 0.0},
-            "downstream": {"heldout": {"loss_recovered": 0.99, "kl_sae": 0.01, "kl_zero": 4.7}},
+            "sparsity": {"l0": l0, "dead_fraction": 0.02, "dead_fraction_all_rows": 0.01, "dense_fraction": 0.0,
+                         "empty_fraction_all_rows": empty},
+            "downstream": {"heldout": {"loss_recovered": 0.99, "kl_sae": 0.01, "kl_zero": 4.7},
+                           "all": {"kl_share_empty_rows": kl_empty}},
             "ground_truth": gt, "figures": {}}
 
 
@@ -129,7 +131,8 @@ def test_report_leads_with_the_answer_and_states_each_goal(tmp_path):
     site = res / "modadd" / "seed42" / "resid_post"
     for s, ans in ((42, 0.97), (123, 0.96)):
         write(site / "eval" / f"topk_seed{s}" / "eval.json", fake_eval("topk", s, 0.95, 3.0, ans))
-        write(site / "eval" / f"relu_seed{s}" / "eval.json", fake_eval("relu", s, 0.9, 3.1, 0.5))
+        write(site / "eval" / f"relu_seed{s}" / "eval.json", fake_eval("relu", s, 0.9, 3.1, 0.5, empty=0.005,
+                                                                       kl_empty=0.5 + (s == 123) * 0.2))
         write(site / "eval" / f"topk-data_seed{s}" / "eval.json", fake_eval("topk", s, 0.96, 3.0, 1.0, init="data"))
         for k in (2, 32):
             write(site / "sweep" / f"k{k}" / "eval" / f"topk_seed{s}" / "eval.json",
@@ -163,6 +166,10 @@ def test_report_leads_with_the_answer_and_states_each_goal(tmp_path):
     assert "**MISS** relu (k 3, 384 latents): the 2 seeds together recover >= 90% of them: 30%" in md
     assert "topk with k 3 and 384 latents recovers 50% of the 113 operand features" in md
     assert "random decoders 0%; by firing 70%); 96% of the 113 answer features" in md     # operand's, not answer's
+    # rows with no latent: a sentence for the architecture that leaves them (means over seeds), none for TopK
+    assert "relu leaves 0.50% of the rows with no active latent (reconstructed as b_dec alone: README, " \
+           "\"Rows with no latent\"); they carry 60% of its KL over all inputs." in md
+    assert "topk leaves" not in md and "| 0.50 ± 0.00 |" in md
     assert (res / "figures" / "sweep_resid_post.png").is_file() and "sweep_resid_post.png" in md
     assert "At the seed guide's k 32 / 1024 latents" not in md       # no such cell in this sweep
     # the LM section: model, layer, site, tokens; CE clean / with SAE / zero, loss recovered, KL
