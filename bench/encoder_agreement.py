@@ -40,7 +40,7 @@ def main() -> None:
     P = Vh[:r]                                                   # [r, d_in]: the data's subspace
     print(f"data subspace: {r} of {x.shape[1]} dimensions (99% of the variance of {args.acts})")
     print(f"{'pair':<58} {'dec cos':>8} {'enc cos':>8} {'>0.7':>6} {'enc in subspace':>16} {'>0.7':>6} "
-          f"{'enc norm in subspace':>21}")
+          f"{'enc outside':>12} {'enc norm in subspace':>21}")
     for A_dir, B_dir in zip(args.saes[::2], args.saes[1::2]):
         A, B = SAE.load(A_dir), SAE.load(B_dir)
         D_a, D_b = unit(A.W_dec.detach().double()), unit(B.W_dec.detach().double())
@@ -49,12 +49,13 @@ def main() -> None:
         E_a, E_b = A.W_enc.detach().double().T, B.W_enc.detach().double().T          # [d_sae, d_in]
         enc = (unit(E_a)[ia] * unit(E_b)[ib]).sum(1)
         enc_in = (unit(E_a @ P.T)[ia] * unit(E_b @ P.T)[ib]).sum(1)
+        enc_out = (unit(E_a - E_a @ P.T @ P)[ia] * unit(E_b - E_b @ P.T @ P)[ib]).sum(1)     # the rest
         share_in = ((E_a @ P.T).norm(dim=1) / E_a.norm(dim=1)).median()
         name = "/".join(A_dir.parts[-2:]) + " ~ " + B_dir.name
         print(f"{name[-58:]:<58} {dec.median():8.3f} {enc.median():8.3f} {(enc > 0.7).double().mean():6.3f} "
-              f"{enc_in.median():16.3f} {(enc_in > 0.7).double().mean():6.3f} {share_in:21.3f}")
-    print("columns: medians over matched latents (dec / enc cos), the share of them above 0.7, and the "
-          "median share of an encoder row's norm inside the subspace")
+              f"{enc_in.median():16.3f} {(enc_in > 0.7).double().mean():6.3f} {enc_out.median():12.3f} {share_in:21.3f}")
+    print("columns: medians over matched latents (dec / enc cos), the share of them above 0.7, the encoder "
+          "rows' components outside the subspace (cos), and the median share of an encoder row's norm inside it")
 
 
 if __name__ == "__main__":
