@@ -257,6 +257,7 @@ def file_metrics(args, sae: SAE, acts: Acts, cache: dict) -> dict:
            "rows": {"heldout": len(x_held), "total": acts.n_rows},
            "reconstruction": reconstruction_metrics(x_held, x_hat), "sparsity": sparsity_metrics(codes),
            "downstream": None, "ground_truth": None, "_inputs": {}}
+    all_codes = None
     if acts.n_rows <= 200_000:          # context for the held-out figure: rare latents miss a small hold-out
         all_codes = encode_all(sae, acts.x)[0]
         res["sparsity"]["dead_fraction_all_rows"] = M.dead_fraction(all_codes)
@@ -276,7 +277,7 @@ def file_metrics(args, sae: SAE, acts: Acts, cache: dict) -> dict:
     if run is None:
         notes.append("no model run (--run) given or found: downstream metrics skipped")
     else:
-        res["downstream"] = modadd_downstream_metrics(sae, acts, run, cache)
+        res["downstream"] = modadd_downstream_metrics(sae, acts, run, cache, all_codes)
         res["run"] = str(run)
         res["_inputs"]["run"] = str(run)
     if notes:
@@ -284,8 +285,10 @@ def file_metrics(args, sae: SAE, acts: Acts, cache: dict) -> dict:
     return res, codes
 
 
-def modadd_downstream_metrics(sae: SAE, acts: Acts, run: Path, cache: dict) -> dict:
-    """The SAE's reconstruction spliced in at its site of the modular-addition model (`=` position)."""
+def modadd_downstream_metrics(sae: SAE, acts: Acts, run: Path, cache: dict,
+                              all_codes: torch.Tensor | None = None) -> dict:
+    """The SAE's reconstruction spliced in at its site of the modular-addition model (`=` position).
+    all_codes: the SAE's code of every row of acts, where file_metrics has it already."""
     from lib import modadd
     if ("model", run) not in cache:
         cache[("model", run)] = modadd.load_run(run)[0]
@@ -309,7 +312,9 @@ def modadd_downstream_metrics(sae: SAE, acts: Acts, run: Path, cache: dict) -> d
     def recon(z):
         return sae.decode(sae.encode(z)).to(z.dtype)
     held = ~acts.train
-    empty = (encode_all(sae, x)[0] == 0).all(1)              # rows reconstructed as b_dec alone
+    if all_codes is None:
+        all_codes = encode_all(sae, x)[0]
+    empty = (all_codes == 0).all(1)                            # rows reconstructed as b_dec alone
     return {"heldout": modadd_downstream(model, site, layer, recon, toks[held], labs[held], empty[held]),
             "all": modadd_downstream(model, site, layer, recon, toks, labs, empty),
             "site": site, "layer": layer, "zero_ablation": "the site's activation at `=` replaced by zeros"}

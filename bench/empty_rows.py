@@ -23,6 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from lib import metrics as M  # noqa: E402
 from lib.activations import open_acts  # noqa: E402
 from lib.common import load_tensors  # noqa: E402
 from lib.modadd import load_run  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> None:
     model, cfg = load_run(args.run)
     assert cfg["model"]["n_layers"] == 1 and "resid_post" in str(args.acts), "resid_post of a one-layer model only"
     W_U = model.W_U.detach().float()
-    lp_clean = torch.log_softmax(x @ W_U, -1)
+    logits_clean = x @ W_U
     var = ((x - x.mean(0)) ** 2).sum(1).mean()
     m = args.max_l0
     print(f"{len(x)} rows of {args.acts}; L0 bins 0..{m} ({m} holds more too)")
@@ -52,11 +53,11 @@ def main() -> None:
         with torch.no_grad():
             f = sae.encode(x)
             x_hat = sae.decode(f)
-            lp = torch.log_softmax(x_hat @ W_U, -1)
+            logits = x_hat @ W_U
         l0 = (f > 0).sum(1).clamp(max=m)
         fvu = ((x - x_hat) ** 2).sum(1) / var
-        wrong = lp.argmax(1) != c
-        kl = (lp_clean.exp() * (lp_clean - lp)).sum(1)
+        wrong = logits.argmax(1) != c
+        kl = M.kl_rows(logits_clean, logits)                   # the per-row KL 04 averages
         rows = [int((l0 == i).sum()) for i in range(m + 1)]
         fvus = [f"{fvu[l0 == i].mean():.3f}" if rows[i] else "-" for i in range(m + 1)]
         wr = [int((wrong & (l0 == i)).sum()) for i in range(m + 1)]

@@ -15,16 +15,17 @@ import sys
 from pathlib import Path
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from lib import metrics as M  # noqa: E402
 from lib.activations import open_acts  # noqa: E402
 from sae import SAE  # noqa: E402
 
 
-def unit(W: torch.Tensor) -> torch.Tensor:
-    return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+def matched_cos(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """cos(A_i, B_i) of rows already put in matched order: [n]."""
+    return M.cosine_matrix(A, B).diagonal()
 
 
 def main() -> None:
@@ -43,13 +44,13 @@ def main() -> None:
           f"{'enc outside':>12} {'enc norm in subspace':>21}")
     for A_dir, B_dir in zip(args.saes[::2], args.saes[1::2]):
         A, B = SAE.load(A_dir), SAE.load(B_dir)
-        D_a, D_b = unit(A.W_dec.detach().double()), unit(B.W_dec.detach().double())
-        ia, ib = linear_sum_assignment(-(D_a @ D_b.T).numpy())
-        dec = (D_a[ia] * D_b[ib]).sum(1)
-        E_a, E_b = A.W_enc.detach().double().T, B.W_enc.detach().double().T          # [d_sae, d_in]
-        enc = (unit(E_a)[ia] * unit(E_b)[ib]).sum(1)
-        enc_in = (unit(E_a @ P.T)[ia] * unit(E_b @ P.T)[ib]).sum(1)
-        enc_out = (unit(E_a - E_a @ P.T @ P)[ia] * unit(E_b - E_b @ P.T @ P)[ib]).sum(1)     # the rest
+        C_dec = M.cosine_matrix(A.W_dec.detach(), B.W_dec.detach())
+        ia, ib = M.hungarian_match(C_dec)                          # as 05 matches latents
+        dec = C_dec[ia, ib]
+        E_a, E_b = A.W_enc.detach().double().T[ia], B.W_enc.detach().double().T[ib]    # [d_sae, d_in], matched
+        enc = matched_cos(E_a, E_b)
+        enc_in = matched_cos(E_a @ P.T, E_b @ P.T)
+        enc_out = matched_cos(E_a - E_a @ P.T @ P, E_b - E_b @ P.T @ P)     # the rest
         share_in = ((E_a @ P.T).norm(dim=1) / E_a.norm(dim=1)).median()
         name = "/".join(A_dir.parts[-2:]) + " ~ " + B_dir.name
         print(f"{name[-58:]:<58} {dec.median():8.3f} {enc.median():8.3f} {(enc > 0.7).double().mean():6.3f} "

@@ -90,7 +90,7 @@ def empty_fraction(acts: torch.Tensor) -> float:
     """Fraction of rows on which no latent fires: mean_n 1[f_n == 0]. Such a row is reconstructed
     as b_dec alone. An exact-k code (TopK) has none; a thresholded one (ReLU, JumpReLU, BatchTopK at
     inference) can, and on modular addition those rows lose the answer: they are where JumpReLU's
-    KL comes from (README, "What the per-configuration table shows")."""
+    KL comes from (README, "Rows with no latent")."""
     return float(((acts != 0).sum(-1) == 0).double().mean())
 
 
