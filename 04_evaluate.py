@@ -168,11 +168,12 @@ def random_decoder_sae(sae: SAE, x: torch.Tensor, k: int, g: torch.Generator) ->
 
 @torch.no_grad()
 def ground_truth_metrics(sae: SAE, acts: Acts, gt: G.GroundTruth, l0: float, n_random: int, seed: int,
-                         threshold: float, cache: dict) -> dict:
+                         threshold: float, cache: dict, all_codes: torch.Tensor | None = None) -> dict:
     """The SAE against the site's ground-truth features, over the full grid, beside chance (the
-    chance levels of a width and the PCA basis computed once per call of 04: `cache`)."""
+    chance levels of a width and the PCA basis computed once per call of 04: `cache`).
+    all_codes: the SAE's code of every row of acts, where file_metrics has it already."""
     x, a, b = acts.x, acts.labels["a"], acts.labels["b"]
-    codes, _ = encode_all(sae, x)
+    codes = encode_all(sae, x)[0] if all_codes is None else all_codes
     W = sae.W_dec.detach().double()
     mine = G.score_decoder(gt, W, acts=codes, a=a, b=b, threshold=threshold)
     for name, F in G.ground_truth_features(gt).items():       # per feature: its best latent and cosine
@@ -269,7 +270,7 @@ def file_metrics(args, sae: SAE, acts: Acts, cache: dict) -> dict:
             cache["gt"] = G.load_or_fit(acts)
         gt, where = cache["gt"]
         res["ground_truth"] = ground_truth_metrics(sae, acts, gt, res["sparsity"]["l0"], args.n_random, args.seed,
-                                                   args.recovery_cos, cache)
+                                                   args.recovery_cos, cache, all_codes)
         res["_inputs"]["ground_truth"] = where
     else:
         notes.append("the activations carry no a, b labels: no ground-truth metrics")
