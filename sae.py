@@ -33,6 +33,8 @@ and every architecture adds (1/32) * AuxK while some latents are dead (below).
     dead ReLU latent has pre <= 0 on every row, so only the raw value gives it a gradient
     toward the residual (the dead-latent remedy measured best here: bench/sweep_sae_recipe.py;
     Bricken et al. 2023's resampling, also tried, revived fewer and cost reconstruction).
+    auxk_raw=True does the same for the TopK family: at k 32 most of TopK's dead latents
+    sit below zero on every row, out of the ReLU'd AuxK's reach (bench/dead_pre.py)
   * JumpReLU's pre-activation loss on dead latents: pre_act_coeff * sum_i ReLU(theta_i - pre_i)
     (times |W_dec_i| = 1), which lifts a dead latent's pre-activations toward its threshold
     until it fires again                          Anthropic's January 2025 update; SAELens
@@ -149,7 +151,9 @@ class SAE(nn.Module):
     (relu, jumprelu: 03_train_sae.py steers lambda toward it). l1_coeff / l0_coeff:
     lambda of the relu / jumprelu loss for inputs at unit mean squared norm (the trainer
     schedules it and passes `sparsity_coeff`).
-    k_aux (default d_in // 2) and auxk_coeff (1/32): AuxK, Gao et al. 2024.
+    k_aux (default d_in // 2) and auxk_coeff (1/32): AuxK, Gao et al. 2024. auxk_raw: AuxK
+    decodes the dead latents' raw pre-activations (default for relu, jumprelu) or their ReLU
+    (default for the TopK family, as Gao et al.).
     pre_act_coeff: jumprelu's pre-activation loss on dead latents (0 = off).
     sparsity_loss (jumprelu): "step", lambda * L0 through the threshold's pseudo-gradient
     (Rajamanoharan et al. 2024), or "tanh", lambda * sum_i tanh(tanh_scale * f_i |W_dec_i|), a
@@ -161,7 +165,8 @@ class SAE(nn.Module):
     normalize_activations = "none"      # ours fold any input scale into the weights
 
     def __init__(self, d_in: int, d_sae: int, arch: str = "topk", k: int | None = None, *,
-                 k_aux: int | None = None, auxk_coeff: float = 1 / 32, pre_act_coeff: float = 0.0,
+                 k_aux: int | None = None, auxk_coeff: float = 1 / 32, auxk_raw: bool | None = None,
+                 pre_act_coeff: float = 0.0,
                  l1_coeff: float = 0.05, l0_coeff: float = 1e-3, sparsity_loss: str = "step", tanh_scale: float = 4.0,
                  bandwidth: float = 1e-3, init_threshold: float = 1e-3, threshold_ema: float = 0.01,
                  init: str = "tied", apply_b_dec_to_input: bool = True, sparse: bool | None = None,
@@ -182,6 +187,7 @@ class SAE(nn.Module):
             raise UserError(f"sparsity_loss must be step or tanh (got {sparsity_loss!r})")
         self.d_in, self.d_sae, self.arch, self.k = d_in, d_sae, arch, k
         self.k_aux = d_in // 2 if k_aux is None else k_aux
+        self.auxk_raw = arch in ("relu", "jumprelu") if auxk_raw is None else bool(auxk_raw)
         self.auxk_coeff, self.l1_coeff, self.l0_coeff = auxk_coeff, l1_coeff, l0_coeff
         self.pre_act_coeff, self.sparsity_loss, self.tanh_scale = pre_act_coeff, sparsity_loss, tanh_scale
         self.bandwidth, self.threshold_ema = bandwidth, threshold_ema
@@ -426,15 +432,15 @@ class SAE(nn.Module):
 
     def _auxk_e_hat(self, pre, dead_mask):
         """e_hat = the k_aux largest pre-activations among dead latents, per row, decoded
-        (no b_dec: the residual e already lacks it); ReLU'd for the TopK family, raw for relu
-        and jumprelu (see the module docstring). None when no latent is dead."""
+        (no b_dec: the residual e already lacks it); raw or ReLU'd (auxk_raw, see the module
+        docstring). None when no latent is dead."""
         k_aux = min(self.k_aux, int(dead_mask.sum()))
         if k_aux == 0:
             return None
         with torch.no_grad():
             i = torch.where(dead_mask, pre, -torch.inf).topk(k_aux, dim=-1).indices
         v = pre.gather(-1, i)
-        aux = torch.zeros_like(pre).scatter(-1, i, v.relu() if self.arch in ("topk", "batchtopk") else v)
+        aux = torch.zeros_like(pre).scatter(-1, i, v if self.auxk_raw else v.relu())
         return aux @ self.W_dec
 
     def _pre_act_loss(self, pre_dead, theta_dead):

@@ -290,12 +290,12 @@ def sparse_auxk_e_hat(sae, x: torch.Tensor, x_c: torch.Tensor, pre: torch.Tensor
                       dead_mask: torch.Tensor) -> torch.Tensor | None:
     """AuxK's e_hat (SAE._auxk_e_hat) as a TopK SAE over the sub-dictionary of dead latents:
     gather their encoder columns and decoder rows (autograd scatters the gradients back);
-    ReLU'd for the TopK family, raw for relu and jumprelu, as there. None when no latent is dead.
+    raw or ReLU'd (sae.auxk_raw), as there. None when no latent is dead.
     With no more dead latents than k_aux every one is decoded: its code is a dense [B, n] matrix,
     so two plain matmuls (dead_pre's encode, then the decode) beat the selection and the sparse
     kernels (AuxK's share of the step at 128 -> 256 with 64 dead: ~48% against ~58%,
     bench/bench_vs_saelens_cpu.txt); else those, on the k_aux picked a row."""
-    raw = sae.arch in ("relu", "jumprelu")
+    raw = sae.auxk_raw
     with torch.no_grad():
         dead = dead_mask.nonzero().squeeze(1)
         k_aux = min(sae.k_aux, dead.numel())

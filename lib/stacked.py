@@ -65,9 +65,11 @@ class StackedSAE(nn.Module):
         super().__init__()
         a = saes[0]
         for s in saes:
-            assert (s.arch, s.d_in, s.d_sae, s.k) == (a.arch, a.d_in, a.d_sae, a.k) and s.apply_b_dec_to_input
+            assert (s.arch, s.d_in, s.d_sae, s.k, s.auxk_raw) == (a.arch, a.d_in, a.d_sae, a.k, a.auxk_raw)
+            assert s.apply_b_dec_to_input
         self.arch, self.S, self.d_sae, self.d_in, self.k = a.arch, len(saes), a.d_sae, a.d_in, a.k
         self.k_aux, self.auxk_coeff, self.bandwidth, self.threshold_ema = a.k_aux, a.auxk_coeff, a.bandwidth, a.threshold_ema
+        self.auxk_raw = a.auxk_raw
         self.pre_act_coeff = a.pre_act_coeff
         self.unit_decoder = a.unit_decoder                 # sae.SAE's rule: all but relu
         # the TopK family's CPU / size rule (sae.py); relu and jumprelu stack on the dense path
@@ -171,7 +173,7 @@ class StackedSAE(nn.Module):
 
     def _dense_auxk(self, pre: torch.Tensor, dead_mask: torch.Tensor):
         """e_hat [S, B, d_in]: each block's k_aux largest dead pre-activations per row, decoded
-        (raw for relu / jumprelu, ReLU'd for the TopK family); None when nothing is dead.
+        (raw or ReLU'd: sae.SAE.auxk_raw); None when nothing is dead.
         (Masks are float, added or multiplied: boolean masks cost ~10x more on a CPU.)"""
         k_aux = min(self.k_aux, int(dead_mask.sum(1).max()))
         if k_aux == 0:
@@ -181,14 +183,14 @@ class StackedSAE(nn.Module):
             i = (pre + torch.zeros_like(dead).masked_fill_(dead == 0, -torch.inf)).topk(k_aux, dim=-1).indices
             valid = dead.expand_as(pre).gather(-1, i)                            # blocks with fewer dead
         v = pre.gather(-1, i)
-        v = (v.relu() if self.arch in ("topk", "batchtopk") else v) * valid
+        v = (v if self.auxk_raw else v.relu()) * valid
         return torch.bmm(torch.zeros_like(pre).scatter(-1, i, v), self.W_dec)
 
     def _sparse_auxk(self, pre, x, dead_mask):
         """The TopK family's AuxK (kernels.sparse_auxk_e_hat) over each block's dead latents
-        (gathered, padded with zeros to the most any block has), keeping the k_aux largest of
-        each (block, row). Where k_aux is over a quarter of them: dense batched matmuls over the
-        dead sub-dictionary; else the sparse kernels of the main code on virtual rows, which
+        (gathered, padded to the most any block has; padding is never picked, or weighted 0),
+        keeping the k_aux largest of each (block, row), raw or ReLU'd (auxk_raw). Where k_aux
+        is over a quarter of them: dense batched matmuls over the dead sub-dictionary; else the sparse kernels of the main code on virtual rows, which
         touch k_aux latents per row (measured: 1.7x faster at 860 of 1024 dead, 1.3x slower
         at 100 of 256)."""
         S, B, d = pre.shape
@@ -202,20 +204,27 @@ class StackedSAE(nn.Module):
             valid = (torch.arange(n, device=pre.device) < n_dead.unsqueeze(1)).unsqueeze(1).to(pre.dtype)  # [S, 1, n]
             keep = valid
             if k_aux < n:                    # the k_aux most active dead latents of each (block, row)
-                sub = pre.gather(2, idx.unsqueeze(1).expand(S, B, n)).relu_().mul_(valid).view(S * B, n)
-                v, top = topk_relu(sub, k_aux)
+                sub = pre.gather(2, idx.unsqueeze(1).expand(S, B, n))
+                if self.auxk_raw:            # padding below every dead latent, whatever its sign
+                    v, top = sub.masked_fill_(valid == 0, -torch.inf).view(S * B, n).topk(k_aux, dim=-1, sorted=False)
+                    pick = v.isfinite()      # False: padding, in a block with fewer dead than k_aux
+                    v = v.where(pick, 0.0)
+                else:
+                    v, top = topk_relu(sub.relu_().mul_(valid).view(S * B, n), k_aux)
         if 4 * k_aux >= n:                   # dense sub-dictionary
             if k_aux < n:
                 keep = torch.zeros(S * B, n, dtype=pre.dtype, device=pre.device).scatter_(1, top, 1.0)
                 keep = keep.view(S, B, n).mul_(valid)
             W_enc = self.W_enc.gather(2, idx.unsqueeze(1).expand(S, self.d_in, n))              # [S, d_in, n]
             pre_sub = torch.baddbmm(self.b_enc.gather(1, idx).unsqueeze(1), x - self.b_dec.unsqueeze(1), W_enc)
-            return torch.bmm(pre_sub.relu() * keep, self.W_dec.gather(1, idx.unsqueeze(2).expand(S, n, self.d_in)))
+            code = pre_sub if self.auxk_raw else pre_sub.relu()
+            return torch.bmm(code * keep, self.W_dec.gather(1, idx.unsqueeze(2).expand(S, n, self.d_in)))
         with torch.no_grad():                # sparse: pattern columns are global latent ids s*d + j
             ids = (idx + torch.arange(S, device=pre.device).unsqueeze(1) * d).repeat_interleave(B, 0).gather(1, top)
             pat = SparsePattern.from_topk(ids, S * d)
             x_c = (x - self.b_dec.unsqueeze(1)).view(S * B, -1)
-        vals = _StackedSparseEncode.apply(v.reshape(-1), x_c, self.W_enc, self.b_enc, self.b_dec, pat).relu()
+        vals = _StackedSparseEncode.apply(v.reshape(-1), x_c, self.W_enc, self.b_enc, self.b_dec, pat)
+        vals = vals * pick.reshape(-1) if self.auxk_raw else vals.relu()
         return _SparseDecode.apply(vals, self.W_dec.view(S * d, -1), pat).view(S, B, -1)
 
     def _auxk_loss(self, x, x_hat, e_hat, dead_mask, all_reduce):

@@ -20,14 +20,15 @@ def test_topk_relu_is_relu_of_torch_topk(n, d, k):
     assert (v >= 0).all() and torch.equal(pre.gather(1, i).relu(), v)
 
 
+@pytest.mark.parametrize("auxk_raw", [None, True])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_sparse_path_matches_dense_path(arch):
+def test_sparse_path_matches_dense_path(arch, auxk_raw):
     """Same losses and gradients from the embedding_bag / CSR path as from dense autograd,
     AuxK included (no more dead latents than k_aux -> two dense matmuls; a few more -> the
     sparse kernels over a sub-dictionary filled more than 1/8, many -> CSR)."""
     x = data(300)
     for n_dead in (5, 20, 100):
-        a, b = make(arch), make(arch, sparse=False)
+        a, b = make(arch, auxk_raw=auxk_raw), make(arch, sparse=False, auxk_raw=auxk_raw)
         assert a.use_sparse(x) and not b.use_sparse(x)
         dead = torch.zeros(a.d_sae, dtype=torch.bool)
         dead[torch.randperm(a.d_sae, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True

@@ -113,6 +113,29 @@ def test_auxk_is_the_normalised_residual_reconstruction_of_dead_latents():
     assert sae(x).losses.keys() == {"mse"}                     # no dead latents: no AuxK term
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_raw_auxk_reaches_a_dead_latent_below_zero_that_relu_auxk_cannot(arch):
+    """A TopK-family latent whose pre-activation is negative on every row: the ReLU'd AuxK of
+    Gao et al. (the family's default) gives it no gradient at all, so it stays dead for good;
+    auxk_raw=True decodes its raw value and moves its encoder and decoder toward the residual."""
+    x = data(200)
+    grads = {}
+    for raw in (False, True):
+        sae = make(arch, k_aux=4, auxk_raw=raw)
+        with torch.no_grad():
+            sae.b_enc[0] = -50.0                               # latent 0: pre < 0 on every row
+        dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+        dead[:3] = True                                        # no more dead than k_aux: all decoded
+        out = sae(x, dead_mask=dead)
+        sae.zero_grad()
+        out.losses["auxk_loss"].backward()
+        grads[raw] = (sae.W_enc.grad[:, 0].abs().sum(), sae.W_dec.grad[0].abs().sum(), sae.b_enc.grad[0])
+        assert sae.W_enc.grad[:, 3:].abs().sum() == 0            # live latents: AuxK leaves them alone
+    assert all(float(g) == 0 for g in grads[False])
+    assert all(float(g) != 0 for g in grads[True])
+    assert make("topk").auxk_raw is False and make("relu").auxk_raw is True     # the defaults
+
+
 def test_jumprelu_pre_act_loss_lifts_dead_latents_toward_their_threshold():
     """Anthropic's January 2025 pre-activation loss: coeff * sum over dead latents of
     ReLU(theta - pre), averaged over rows. Its gradient raises a dead latent's encoder bias

@@ -13,11 +13,12 @@ from sae import SAE
 D, DSAE, B = 16, 48, 64
 
 
-def make(arch, ks, sparse, seed0=0):
+def make(arch, ks, sparse, seed0=0, auxk_raw=None):
     saes = []
     for s, k in enumerate(ks):
         g = torch.Generator().manual_seed(seed0 + s)
         sae = SAE(D, DSAE, arch, k, k_aux=6, bandwidth=0.05, init_threshold=0.05, pre_act_coeff=0.01, sparse=sparse,
+                  auxk_raw=auxk_raw,
                   generator=g)
         with torch.no_grad():
             sae.b_dec.normal_(0, 0.3, generator=g)
@@ -28,17 +29,19 @@ def make(arch, ks, sparse, seed0=0):
     return saes
 
 
-CASES = [("topk", [3, 3, 3], True), ("topk", [2, 2], False),
-         ("batchtopk", [3, 3], True), ("batchtopk", [3, 3, 3], False), ("relu", [3, 3], None),
-         ("jumprelu", [3, 3, 3], None)]
+CASES = [("topk", [3, 3, 3], True, None), ("topk", [2, 2], False, None),
+         ("batchtopk", [3, 3], True, None), ("batchtopk", [3, 3, 3], False, None), ("relu", [3, 3], None, None),
+         ("jumprelu", [3, 3, 3], None, None),
+         ("topk", [3, 3, 3], True, True), ("batchtopk", [3, 3], True, True), ("topk", [2, 2], False, True)]
 
 
-@pytest.mark.parametrize("arch,ks,sparse", CASES)
+@pytest.mark.parametrize("arch,ks,sparse,auxk_raw", CASES)
 @pytest.mark.parametrize("with_dead", [None, "few", "some", "most"])
-def test_stack_equals_its_saes_in_values_and_gradients(arch, ks, sparse, with_dead):
+def test_stack_equals_its_saes_in_values_and_gradients(arch, ks, sparse, auxk_raw, with_dead):
+    """auxk_raw: the TopK family with AuxK on raw pre-activations (relu and jumprelu's default)."""
     torch.manual_seed(0)
     x = torch.randn(B, D) + 0.5
-    saes = make(arch, ks, sparse)
+    saes = make(arch, ks, sparse, auxk_raw=auxk_raw)
     stack = StackedSAE(saes)
     S = len(saes)
     dead = None
