@@ -81,8 +81,9 @@ RESUME_FREE = {"acts", "out", "resume", "overwrite", "quiet", "wandb", "stop_aft
                "device", "log_every", "ckpt_every", "buffer_rows"}
 NEWER_FLAGS = {"sparsity_loss": "step"}   # flags added since checkpoints were first written: their value before
 DEFAULT_MAX_TOKENS = 24_000_000      # the plateau schedule's cap on an in-memory data set
-PRE_ACT_COEFF = 1e-3                 # jumprelu's pre-activation loss (inputs at unit mean squared norm;
+PRE_ACT_COEFF = 1e-3                 # the pre-activation loss of jumprelu (inputs at unit mean squared norm;
                                      # bench/sweep_pre_act.py: 2e-3 to 1e-2 trade L0, EV or recovery for it)
+                                     # and of the TopK family (its dead latents below zero: bench/dead_pre.py)
 
 
 def get_args(argv=None):
@@ -170,13 +171,15 @@ def _sparsity_args(p):
     p.add_argument("--auxk-input", choices=("relu", "raw"), default=None,
                    help="what AuxK decodes: the dead latents' ReLU'd pre-activations (default for topk, batchtopk: "
                         "Gao et al. 2024) or raw ones (default for relu, jumprelu). raw reaches latents below zero "
-                        "on every row: TopK at k 32 / 1024 0.2%% dead instead of 54%%, but 26%% instead of 0.3%% at "
-                        "k 3 / 384 (bench/dead_pre.py)")
+                        "on every row, as --pre-act-coeff does for the TopK family, but at k 3 / 384 leaves 26%% of "
+                        "TopK's latents dead instead of 0.3%% (bench/dead_pre_cpu.txt)")
     p.add_argument("--no-auxk", action="store_true",
-                   help="no dead-latent remedy: no AuxK loss (every arch), no pre-activation loss (jumprelu)")
+                   help="no dead-latent remedy: no AuxK loss (every arch), no pre-activation loss")
     p.add_argument("--pre-act-coeff", type=float, default=None,
-                   help="jumprelu: coefficient of the pre-activation loss on dead latents (Anthropic, Jan 2025; "
-                        "default PRE_ACT_COEFF, 0 = off)")
+                   help="coefficient of the pre-activation loss on dead latents: jumprelu, sum of ReLU(theta - pre) "
+                        "(Anthropic, Jan 2025); topk and batchtopk, sum of ReLU(-pre) over the dead latents below "
+                        "zero on every row, which the ReLU'd AuxK cannot reach (bench/dead_pre_cpu.txt); default "
+                        "PRE_ACT_COEFF, 0 = off; relu: none")
     p.add_argument("--dead-tokens", type=int, default=None,
                    help="a latent is dead after this many tokens without firing (default min(10M, train rows))")
 
@@ -582,7 +585,7 @@ def build_run(run: Run, args, x_train: torch.Tensor, dev, dist: Dist, max_steps:
     pre_act = PRE_ACT_COEFF if args.pre_act_coeff is None else args.pre_act_coeff
     run.sae = SAE(x_train.shape[1], run.d_sae, args.arch, run.k, k_aux=args.k_aux, auxk_coeff=args.auxk_coeff,
                   auxk_raw=None if args.auxk_input is None else args.auxk_input == "raw",
-                  pre_act_coeff=pre_act if args.arch == "jumprelu" else 0.0,
+                  pre_act_coeff=0.0 if args.arch == "relu" else pre_act,
                   l1_coeff=args.l1_coeff or 0.0, l0_coeff=args.l0_coeff or 0.0, bandwidth=args.bandwidth,
                   init_threshold=args.init_threshold, init="orthogonal" if init == "orthogonal" else "tied",
                   sparsity_loss=args.sparsity_loss if args.arch == "jumprelu" else "step",

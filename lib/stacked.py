@@ -113,6 +113,8 @@ class StackedSAE(nn.Module):
             if self.arch == "jumprelu" and self.pre_act_coeff:       # sae.SAE._pre_act_loss per block
                 gap = (self.threshold.unsqueeze(1) - pre).relu() * dead_mask.unsqueeze(1)
                 losses["pre_act_loss"] = self.pre_act_coeff * gap.sum(-1).mean(1)
+            elif self.arch != "relu" and self.pre_act_coeff:
+                losses["pre_act_loss"] = self.pre_act_coeff * self._below_zero_loss(pre, x, dead_mask, all_reduce)
         total = sum(v.sum() for v in losses.values())
         outs = []
         for s in range(S):
@@ -226,6 +228,26 @@ class StackedSAE(nn.Module):
         vals = _StackedSparseEncode.apply(v.reshape(-1), x_c, self.W_enc, self.b_enc, self.b_dec, pat)
         vals = vals * pick.reshape(-1) if self.auxk_raw else vals.relu()
         return _SparseDecode.apply(vals, self.W_dec.view(S * d, -1), pat).view(S, B, -1)
+
+    def _below_zero_loss(self, pre, x, dead_mask, all_reduce):
+        """The TopK family's pre-activation loss per block (sae.SAE._pre_act_latents): sum of
+        ReLU(-pre) over each block's dead latents that are <= 0 on every row, averaged over rows;
+        their pre-activations recomputed with gradient over the gathered sub-dictionary."""
+        S, B, d = pre.shape
+        with torch.no_grad():
+            n_pos = (pre > 0).sum(1).double()                                      # [S, d]
+            if all_reduce is not None:
+                all_reduce(n_pos)
+            below = dead_mask & (n_pos == 0)
+            n_below = below.sum(1)
+            n = int(n_below.max())
+            if n == 0:
+                return pre.new_zeros(S)
+            idx = torch.argsort((~below).to(torch.int8), dim=1, stable=True)[:, :n]     # those ids first
+            valid = (torch.arange(n, device=pre.device) < n_below.unsqueeze(1)).unsqueeze(1).to(pre.dtype)
+        W_enc = self.W_enc.gather(2, idx.unsqueeze(1).expand(S, self.d_in, n))             # [S, d_in, n]
+        pre_sub = torch.baddbmm(self.b_enc.gather(1, idx).unsqueeze(1), x - self.b_dec.unsqueeze(1), W_enc)
+        return ((-pre_sub).relu() * valid).sum(-1).mean(1)
 
     def _auxk_loss(self, x, x_hat, e_hat, dead_mask, all_reduce):
         """Per block |e - e_hat|^2 / |e - mean(e)|^2 (sae.SAE._auxk_loss); 0 where nothing is dead."""

@@ -20,19 +20,24 @@ def test_topk_relu_is_relu_of_torch_topk(n, d, k):
     assert (v >= 0).all() and torch.equal(pre.gather(1, i).relu(), v)
 
 
-@pytest.mark.parametrize("auxk_raw", [None, True])
+@pytest.mark.parametrize("auxk_raw,pre_act", [(None, 0.0), (True, 0.0), (None, 0.01)])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_sparse_path_matches_dense_path(arch, auxk_raw):
+def test_sparse_path_matches_dense_path(arch, auxk_raw, pre_act):
     """Same losses and gradients from the embedding_bag / CSR path as from dense autograd,
     AuxK included (no more dead latents than k_aux -> two dense matmuls; a few more -> the
-    sparse kernels over a sub-dictionary filled more than 1/8, many -> CSR)."""
+    sparse kernels over a sub-dictionary filled more than 1/8, many -> CSR), and the
+    pre-activation loss on two dead latents held below zero."""
     x = data(300)
     for n_dead in (5, 20, 100):
-        a, b = make(arch, auxk_raw=auxk_raw), make(arch, sparse=False, auxk_raw=auxk_raw)
+        a, b = (make(arch, sparse=s, auxk_raw=auxk_raw, pre_act_coeff=pre_act) for s in (None, False))
         assert a.use_sparse(x) and not b.use_sparse(x)
         dead = torch.zeros(a.d_sae, dtype=torch.bool)
         dead[torch.randperm(a.d_sae, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
-        assert_paths_agree(a, b, x, dead, None, {"mse", "auxk_loss"})
+        with torch.no_grad():
+            for sae in (a, b):
+                sae.b_enc[dead.nonzero()[:2, 0]] = -50.0
+        terms = {"mse", "auxk_loss"} | ({"pre_act_loss"} if pre_act else set())
+        assert_paths_agree(a, b, x, dead, None, terms)
 
 
 def assert_paths_agree(a, b, x, dead, coeff, terms):

@@ -136,6 +136,31 @@ def test_raw_auxk_reaches_a_dead_latent_below_zero_that_relu_auxk_cannot(arch):
     assert make("topk").auxk_raw is False and make("relu").auxk_raw is True     # the defaults
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_topk_pre_act_loss_lifts_only_the_dead_latents_below_zero_on_every_row(arch, sparse):
+    """The TopK family's pre-activation loss: coeff * sum of ReLU(-pre) over the dead latents
+    whose pre-activation is <= 0 on every row, averaged over rows. Latent 0 (dead, below zero
+    everywhere) gets d/d b_enc = -coeff; latent 1 (dead, positive on some row: AuxK reaches it)
+    and the live latents get nothing from it."""
+    sae = make(arch, pre_act_coeff=0.01, sparse=sparse)
+    x = data(200)
+    with torch.no_grad():
+        sae.b_enc[0] = -50.0
+        sae.b_enc[1] = 0.0
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+    dead[:4] = True
+    pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).detach()
+    assert (pre[:, 0] < 0).all() and (pre[:, 1] > 0).any()
+    below = dead & (pre <= 0).all(0)
+    out = sae(x, dead_mask=dead)
+    assert torch.allclose(out.losses["pre_act_loss"], 0.01 * (-pre[:, below]).relu().sum(1).mean(), rtol=1e-5)
+    sae.zero_grad()
+    out.losses["pre_act_loss"].backward()
+    assert torch.allclose(sae.b_enc.grad[below], torch.full((int(below.sum()),), -0.01))
+    assert (sae.b_enc.grad[~below] == 0).all() and (sae.W_enc.grad[:, ~below] == 0).all()
+
+
 def test_jumprelu_pre_act_loss_lifts_dead_latents_toward_their_threshold():
     """Anthropic's January 2025 pre-activation loss: coeff * sum over dead latents of
     ReLU(theta - pre), averaged over rows. Its gradient raises a dead latent's encoder bias

@@ -23,6 +23,7 @@ def make(arch, ks, sparse, seed0=0, auxk_raw=None):
         with torch.no_grad():
             sae.b_dec.normal_(0, 0.3, generator=g)
             sae.b_enc.normal_(0, 0.1, generator=g)
+            sae.b_enc[: 2 * s] = -50.0       # dead below zero on every row: the TopK pre-activation loss
             if arch == "batchtopk":
                 sae.threshold.fill_(0.2 + 0.1 * s)
         saes.append(sae.train())
