@@ -33,16 +33,16 @@ and every architecture adds (1/32) * AuxK while some latents are dead (below).
     dead ReLU latent has pre <= 0 on every row, so only the raw value gives it a gradient
     toward the residual (the dead-latent remedy measured best here: bench/sweep_sae_recipe.py;
     Bricken et al. 2023's resampling, also tried, revived fewer and cost reconstruction).
-    auxk_raw=True does the same for the TopK family: at k 32 most of TopK's dead latents
-    sit below zero on every row, out of the ReLU'd AuxK's reach (bench/dead_pre.py)
+    auxk_raw=True does the same for the TopK family (an option: it reaches their dead latents
+    below zero, but leaves more dead at k 3, bench/dead_pre_cpu.txt).
   * JumpReLU's pre-activation loss on dead latents: pre_act_coeff * sum_i ReLU(theta_i - pre_i)
     (times |W_dec_i| = 1), which lifts a dead latent's pre-activations toward its threshold
     until it fires again                          Anthropic's January 2025 update; SAELens
-    The TopK family gets the same loss with theta = 0 on the dead latents below zero on every
-    row of the batch, the ones the ReLU'd AuxK cannot reach (ours: at k 32 / 1024 TopK leaves
-    3% dead instead of 54%, bench/dead_pre.py)
     and, as an option (sparsity_loss="tanh"), the same update's smooth sparsity loss
     lambda * sum_i tanh(c f_i |W_dec_i|) in place of lambda * L0
+  * the TopK family: the same pre-activation loss with theta = 0, on the dead latents below
+    zero on every row of the batch, which the ReLU'd AuxK cannot reach (ours, after the above:
+    at k 32 / 1024 TopK leaves 1.4% of its latents dead instead of 54%, bench/dead_pre.py)
   * BatchTopK's inference threshold: EMA of the smallest kept activation, so that one
     row's code does not depend on the rest of its batch         Bussmann et al. 2024
   * JumpReLU's straight-through pseudo-gradients, rectangle kernel of width eps; theta is
