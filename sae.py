@@ -452,13 +452,14 @@ class SAE(nn.Module):
         TopK family those whose pre-activation is <= 0 on every row of the global batch, to
         which the ReLU'd AuxK gives no gradient (the fast path's pre has none either: the
         loss recomputes theirs)."""
+        dead = dead_mask.nonzero().squeeze(1)
         if self.arch == "jumprelu":
-            return dead_mask.nonzero().squeeze(1)
+            return dead
         with torch.no_grad():
-            n_pos = (pre > 0).sum(0).double()
+            above = (pre.index_select(1, dead).amax(0) > 0).double()     # per dead latent: 1 if > 0 somewhere
             if all_reduce is not None:
-                all_reduce(n_pos)
-            return (dead_mask & (n_pos == 0)).nonzero().squeeze(1)
+                all_reduce(above)
+            return dead[above == 0]
 
     def _pre_act_loss(self, pre_dead, theta_dead):
         """sum over dead latents of ReLU(theta - pre), averaged over rows (pre_dead [B, n_dead]):

@@ -235,10 +235,10 @@ class StackedSAE(nn.Module):
         their pre-activations recomputed with gradient over the gathered sub-dictionary."""
         S, B, d = pre.shape
         with torch.no_grad():
-            n_pos = (pre > 0).sum(1).double()                                      # [S, d]
+            above = (pre.amax(1) > 0).double()                 # [S, d]: 1 if > 0 on some row (no bool [S, B, d])
             if all_reduce is not None:
-                all_reduce(n_pos)
-            below = dead_mask & (n_pos == 0)
+                all_reduce(above)
+            below = dead_mask & (above == 0)
             n_below = below.sum(1)
             n = int(n_below.max())
             if n == 0:
