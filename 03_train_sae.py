@@ -83,7 +83,9 @@ NEWER_FLAGS = {"sparsity_loss": "step"}   # flags added since checkpoints were f
 DEFAULT_MAX_TOKENS = 24_000_000      # the plateau schedule's cap on an in-memory data set
 PRE_ACT_COEFF = 1e-3                 # the pre-activation loss of jumprelu (inputs at unit mean squared norm;
                                      # bench/sweep_pre_act.py: 2e-3 to 1e-2 trade L0, EV or recovery for it)
-                                     # and of the TopK family (its dead latents below zero: bench/dead_pre.py)
+                                     # and of topk (its dead latents below zero); batchtopk: off by default, it
+                                     # left more latents dead at k 2-3 on 2 seeds of 3 (bench/dead_pre_cpu.txt)
+PRE_ACT_ARCHS = ("jumprelu", "topk")
 
 
 def get_args(argv=None):
@@ -179,7 +181,7 @@ def _sparsity_args(p):
                    help="coefficient of the pre-activation loss on dead latents: jumprelu, sum of ReLU(theta - pre) "
                         "(Anthropic, Jan 2025); topk and batchtopk, sum of ReLU(-pre) over the dead latents below "
                         "zero on every row, which the ReLU'd AuxK cannot reach (bench/dead_pre_cpu.txt); default "
-                        "PRE_ACT_COEFF, 0 = off; relu: none")
+                        "PRE_ACT_COEFF for jumprelu and topk, 0 (off) for batchtopk; relu: none")
     p.add_argument("--dead-tokens", type=int, default=None,
                    help="a latent is dead after this many tokens without firing (default min(10M, train rows))")
 
@@ -582,7 +584,7 @@ def default_lr(d_sae: int, batch_size: int) -> float:
 def build_run(run: Run, args, x_train: torch.Tensor, dev, dist: Dist, max_steps: int, init: str) -> None:
     """The SAE (initialised from its own seed: the same init as a run of its own), Adam, state."""
     gen = seed_everything(run.seed)
-    pre_act = PRE_ACT_COEFF if args.pre_act_coeff is None else args.pre_act_coeff
+    pre_act = (PRE_ACT_COEFF if args.arch in PRE_ACT_ARCHS else 0.0) if args.pre_act_coeff is None else args.pre_act_coeff
     run.sae = SAE(x_train.shape[1], run.d_sae, args.arch, run.k, k_aux=args.k_aux, auxk_coeff=args.auxk_coeff,
                   auxk_raw=None if args.auxk_input is None else args.auxk_input == "raw",
                   pre_act_coeff=0.0 if args.arch == "relu" else pre_act,
