@@ -58,6 +58,16 @@ class _StackedSparseEncode(_SparseEncode):
         return None, None, dW_enc, db_enc, db_dec, None
 
 
+def _ids_first(mask: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's latent ids where mask [S, d] is True, first, padded to the most any block
+    has: idx [S, n] and valid [S, 1, n] (1.0 for a real id, 0.0 for padding)."""
+    count = mask.sum(1)
+    n = int(count.max())
+    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n]
+    valid = (torch.arange(n, device=mask.device) < count.unsqueeze(1)).unsqueeze(1).to(dtype)
+    return idx, valid
+
+
 class StackedSAE(nn.Module):
     """S sae.SAE objects (same arch, d_in, d_sae, k) as one module, for training."""
 
@@ -192,18 +202,17 @@ class StackedSAE(nn.Module):
         """The TopK family's AuxK (kernels.sparse_auxk_e_hat) over each block's dead latents
         (gathered, padded to the most any block has; padding is never picked, or weighted 0),
         keeping the k_aux largest of each (block, row), raw or ReLU'd (auxk_raw). Where k_aux
-        is over a quarter of them: dense batched matmuls over the dead sub-dictionary; else the sparse kernels of the main code on virtual rows, which
+        is over a quarter of them: dense batched matmuls over the dead sub-dictionary; else the
+        sparse kernels of the main code on virtual rows, which
         touch k_aux latents per row (measured: 1.7x faster at 860 of 1024 dead, 1.3x slower
         at 100 of 256)."""
         S, B, d = pre.shape
         with torch.no_grad():
-            n_dead = dead_mask.sum(1)
-            n = int(n_dead.max())
+            idx, valid = _ids_first(dead_mask, pre.dtype)                                  # dead ids first
+            n = idx.shape[1]
             k_aux = min(self.k_aux, n)
             if k_aux == 0:
                 return None
-            idx = torch.argsort((~dead_mask).to(torch.int8), dim=1, stable=True)[:, :n]    # dead ids first
-            valid = (torch.arange(n, device=pre.device) < n_dead.unsqueeze(1)).unsqueeze(1).to(pre.dtype)  # [S, 1, n]
             keep = valid
             if k_aux < n:                    # the k_aux most active dead latents of each (block, row)
                 sub = pre.gather(2, idx.unsqueeze(1).expand(S, B, n))
@@ -217,8 +226,7 @@ class StackedSAE(nn.Module):
             if k_aux < n:
                 keep = torch.zeros(S * B, n, dtype=pre.dtype, device=pre.device).scatter_(1, top, 1.0)
                 keep = keep.view(S, B, n).mul_(valid)
-            W_enc = self.W_enc.gather(2, idx.unsqueeze(1).expand(S, self.d_in, n))              # [S, d_in, n]
-            pre_sub = torch.baddbmm(self.b_enc.gather(1, idx).unsqueeze(1), x - self.b_dec.unsqueeze(1), W_enc)
+            pre_sub = self._sub_pre(x, idx)
             code = pre_sub if self.auxk_raw else pre_sub.relu()
             return torch.bmm(code * keep, self.W_dec.gather(1, idx.unsqueeze(2).expand(S, n, self.d_in)))
         with torch.no_grad():                # sparse: pattern columns are global latent ids s*d + j
@@ -233,21 +241,21 @@ class StackedSAE(nn.Module):
         """The TopK family's pre-activation loss per block (sae.SAE._pre_act_latents): sum of
         ReLU(-pre) over each block's dead latents that are <= 0 on every row, averaged over rows;
         their pre-activations recomputed with gradient over the gathered sub-dictionary."""
-        S, B, d = pre.shape
+        S = pre.shape[0]
         with torch.no_grad():
             above = (pre.amax(1) > 0).double()                 # [S, d]: 1 if > 0 on some row (no bool [S, B, d])
             if all_reduce is not None:
                 all_reduce(above)
-            below = dead_mask & (above == 0)
-            n_below = below.sum(1)
-            n = int(n_below.max())
-            if n == 0:
+            idx, valid = _ids_first(dead_mask & (above == 0), pre.dtype)
+            if idx.shape[1] == 0:
                 return pre.new_zeros(S)
-            idx = torch.argsort((~below).to(torch.int8), dim=1, stable=True)[:, :n]     # those ids first
-            valid = (torch.arange(n, device=pre.device) < n_below.unsqueeze(1)).unsqueeze(1).to(pre.dtype)
-        W_enc = self.W_enc.gather(2, idx.unsqueeze(1).expand(S, self.d_in, n))             # [S, d_in, n]
-        pre_sub = torch.baddbmm(self.b_enc.gather(1, idx).unsqueeze(1), x - self.b_dec.unsqueeze(1), W_enc)
-        return ((-pre_sub).relu() * valid).sum(-1).mean(1)
+        return ((-self._sub_pre(x, idx)).relu() * valid).sum(-1).mean(1)
+
+    def _sub_pre(self, x, idx):
+        """Pre-activations [S, B, n] of each block's latents idx [S, n], with their gradient
+        (the gathered encoder columns; autograd scatters the gradients back)."""
+        W_enc = self.W_enc.gather(2, idx.unsqueeze(1).expand(-1, self.d_in, -1))                # [S, d_in, n]
+        return torch.baddbmm(self.b_enc.gather(1, idx).unsqueeze(1), x - self.b_dec.unsqueeze(1), W_enc)
 
     def _auxk_loss(self, x, x_hat, e_hat, dead_mask, all_reduce):
         """Per block |e - e_hat|^2 / |e - mean(e)|^2 (sae.SAE._auxk_loss); 0 where nothing is dead."""
