@@ -125,6 +125,9 @@ def _schedule_args(p):
     p.add_argument("--lr", type=float, default=None,
                    help="Adam lr (default 6e-4 * sqrt(16384 / d_sae) * sqrt(batch / 4096): 3x the lr scaling of "
                         "Gao et al. 2024 / sparsify, square-root scaled with the batch; bench/sweep_sae_recipe.py)")
+    p.add_argument("--lr-scale", type=float, default=1.0,
+                   help="multiplies the default lr (not --lr): run_all.sh's sweep trains at 2x, half the rows, "
+                        "to the same answer-feature recovery (bench/sweep_lr_rows_cpu.txt)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch, split over processes (default: 4096, or for a small data set the largest "
                         "power of two <= train rows / 8, so that a pass holds at least 8 steps)")
@@ -212,6 +215,8 @@ def _run_args(p):
 
 def check_args(args):
     check(args.lr is None or (args.lr > 0 and math.isfinite(args.lr)), f"--lr must be > 0 (got {args.lr})")
+    check(args.lr_scale > 0 and math.isfinite(args.lr_scale), f"--lr-scale must be > 0 (got {args.lr_scale})")
+    check(args.lr is None or args.lr_scale == 1, "--lr-scale scales the default lr: give --lr or --lr-scale, not both")
     check(args.batch_size is None or args.batch_size > 0, f"--batch-size must be > 0 (got {args.batch_size})")
     check(all(k > 0 for k in args.k), f"--k must be > 0 (got {' '.join(map(str, args.k))})")
     check(args.expansion > 0, f"--expansion must be > 0 (got {args.expansion})")
@@ -599,7 +604,7 @@ def build_run(run: Run, args, x_train: torch.Tensor, dev, dist: Dist, max_steps:
     run.init = init
     run.sae.to(dev).train()
     dist.broadcast_([p.data for p in run.sae.parameters()])   # every process starts from rank 0's weights
-    lr = args.lr or default_lr(run.d_sae, args.batch_size)
+    lr = args.lr or args.lr_scale * default_lr(run.d_sae, args.batch_size)
     try:
         run.opt = torch.optim.Adam(run.sae.parameters(), lr=lr, fused=True)
     except (RuntimeError, TypeError):

@@ -54,9 +54,10 @@ SWEEP=${SWEEP:-1}
 SWEEP_K=${SWEEP_K:-"1 2 3 4 8 16 32"}
 SWEEP_D=${SWEEP_D:-"128 256 512 1024"}
 SWEEP_SEEDS=${SWEEP_SEEDS:-"1 2"}
-# The sweep's SAEs train with 03's defaults, to their plateau or 4M rows (~3,900 steps), whichever
-# comes first: by then TopK's answer-feature recovery has stopped changing (bench/curve_recovery.py).
-SWEEP_ARGS=${SWEEP_ARGS:-"--max-tokens 4000000"}
+# The sweep's SAEs train with 03's defaults but twice the default lr, to their plateau or 2M rows
+# (~1,950 steps), whichever comes first: at width 1024 that recovers the answer features 4M rows at
+# the default lr do, in half the time (bench/sweep_lr_rows.py); the study keeps 03's defaults.
+SWEEP_ARGS=${SWEEP_ARGS:-"--max-tokens 2000000 --lr-scale 2"}
 # The study's configuration without a sweep: what CHOOSE_RULE picks on the default model (seed 42).
 STUDY_POST=${STUDY_POST:-"2 256"}
 STUDY_MID=${STUDY_MID:-"2 256"}

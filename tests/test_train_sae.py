@@ -242,6 +242,15 @@ def test_default_run_stops_at_its_plateau_and_says_why(k2, tmp_path):
     assert m[-1]["step"] == s["steps"] and m[-1]["lr"] < 0.1 * m[len(m) // 2]["lr"]     # it ended on the decay
 
 
+def test_lr_scale_multiplies_the_default_lr(k2, tmp_path):
+    acts, _ = k2
+    for scale, out in ((1, tmp_path / "a"), (2.5, tmp_path / "b")):
+        run("--acts", acts, "--out", out, "--arch", "topk", "--k", "2", "--d-sae", "64", "--tokens", 8192,
+            "--lr-scale", scale, "--quiet")
+    lr_a, lr_b = (json.loads((tmp_path / n / "summary.json").read_text())["lr"] for n in "ab")
+    assert lr_a == pytest.approx(6e-4 * (16384 / 64) ** 0.5 * (2048 / 4096) ** 0.5) and lr_b == pytest.approx(2.5 * lr_a)
+
+
 # ----------------------------------------------------------------------------
 # determinism, resume, multi-process
 
@@ -385,6 +394,8 @@ BAD = {   # name: (which --acts, extra flags, expected text)
     "k > d_sae": ("good", ["--k", "600"], "--k 600 exceeds the number of latents d_sae=512"),
     "batch > rows": ("good", ["--batch-size", "100000"], "--batch-size 100000 exceeds"),
     "lr zero": ("good", ["--lr", "0"], "--lr must be > 0"),
+    "lr scale zero": ("good", ["--lr-scale", "0"], "--lr-scale must be > 0 (got 0.0)"),
+    "lr and lr scale": ("good", ["--lr", "1e-3", "--lr-scale", "2"], "give --lr or --lr-scale, not both"),
     "max grad norm": ("good", ["--max-grad-norm", "-1"], "--max-grad-norm must be >= 0 (got -1.0)"),
     "lr negative": ("good", ["--lr", "-0.001"], "--lr must be > 0"),
     "unknown arch": ("good", ["--arch", "gated"], "invalid choice: 'gated'"),
