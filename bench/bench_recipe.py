@@ -39,10 +39,12 @@ CONFIGS = ["post:3:384", "post:32:1024", "mid:2:256"]
 ARCHS = ["topk", "batchtopk", "relu", "jumprelu"]
 
 
-def train(acts: Path, out: Path, arch: str, k: int, d_sae: int, extra: list) -> float:
+def train(acts: Path, out: Path, arch: str, k: int | list[int], d_sae: int, extra: list) -> float:
+    """One 03 run (several k: one pass, 03's layout); its wall seconds."""
+    ks = k if isinstance(k, list) else [k]
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, str(ROOT / "03_train_sae.py"), "--acts", str(acts), "--out", str(out),
-                        "--arch", arch, "--k", str(k), "--d-sae", str(d_sae), "--threads", "1", "--quiet",
+                        "--arch", arch, "--k", *map(str, ks), "--d-sae", str(d_sae), "--threads", "1", "--quiet",
                         "--overwrite", *extra], capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
         raise SystemExit(f"03 failed for {arch} k {k} d_sae {d_sae}: {p.stderr.strip()[-500:]}")

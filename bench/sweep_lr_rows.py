@@ -13,44 +13,30 @@ Recipes: "4M" = 03's default lr, at most 4M rows (the sweep before); "2M" = the 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_recipe import score  # noqa: E402
+from bench_recipe import score, train  # noqa: E402
 
 RECIPES = {"4M": ["--max-tokens", "4000000"], "2M": ["--max-tokens", "2000000"],
            "2M x2": ["--max-tokens", "2000000", "--lr-scale", "2"]}
 
 
-def train(acts: Path, out: Path, d_sae: int, ks: list, seeds: list, extra: list) -> float:
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, str(ROOT / "03_train_sae.py"), "--acts", str(acts), "--out", str(out),
-                        "--arch", "topk", "--k", *ks, "--seed", *seeds, "--d-sae", str(d_sae), "--threads", "1",
-                        "--quiet", "--overwrite", *extra], capture_output=True, text=True, cwd=ROOT)
-    if p.returncode != 0:
-        raise SystemExit(f"03 failed for width {d_sae} {extra}: {p.stderr.strip()[-500:]}")
-    return time.perf_counter() - t0
-
-
-def sae_dir(out: Path, k: str, seed: str) -> Path:
-    """Where 03 put one SAE of a pass: OUT/k<K>_seed<S>, OUT/seed<S> (one k) or OUT/k<K> (one seed)."""
-    for p in (out / f"k{k}_seed{seed}", out / f"seed{seed}", out / f"k{k}", out):
-        if (p / "summary.json").is_file():
-            return p
-    raise SystemExit(f"error: no SAE for k {k}, seed {seed} under {out}")
+def sae_dir(out: Path, k: int, seed: str, ks: list, seeds: list) -> Path:
+    """Where 03 put one SAE of a pass (03_train_sae.plan_runs): OUT/k<K>_seed<S>, or OUT/seed<S> with one k."""
+    parts = ([f"k{k}"] if len(ks) > 1 else []) + ([f"seed{seed}"] if len(seeds) > 1 or len(ks) > 1 else [])
+    return out / "_".join(parts) if parts else out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--acts", type=Path, default=ROOT / "runs" / "modadd" / "seed42" / "acts" / "resid_post.safetensors")
     ap.add_argument("--widths", nargs="+", type=int, default=[1024, 256])
-    ap.add_argument("--ks", nargs="+", default=["2", "3"])
+    ap.add_argument("--ks", nargs="+", type=int, default=[2, 3])
     ap.add_argument("--seeds", nargs="+", default=["1", "2"])
     ap.add_argument("--jobs", type=int, default=2, help="03 passes side by side (one torch thread each)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "sweep_lr_rows")
@@ -59,16 +45,17 @@ def main():
         raise SystemExit(f"error: --acts {a.acts} does not exist: run 01 and 02 (or bash run_all.sh) first")
     jobs = [(d, name, a.out / f"d{d}" / name.replace(" ", "")) for d in a.widths for name in RECIPES]
     with ThreadPoolExecutor(a.jobs) as pool:
-        secs = list(pool.map(lambda j: train(a.acts, j[2], j[0], a.ks, a.seeds, RECIPES[j[1]]), jobs))
-    print(f"TopK on {a.acts}, k {' '.join(a.ks)} x seeds {' '.join(a.seeds)} per pass, {a.jobs} passes side by side")
+        secs = list(pool.map(lambda j: train(a.acts, j[2], "topk", a.ks, j[0], ["--seed", *a.seeds, *RECIPES[j[1]]]),
+                             jobs))
+    print(f"TopK on {a.acts}, k {' '.join(map(str, a.ks))} x seeds {' '.join(a.seeds)} per pass, {a.jobs} passes side by side")
     print(f"{'width':>5s} {'recipe':6s} {'k':>2s} {'answer per seed':>16s} {'EV per seed':>15s} {'dead':>11s} "
           f"{'steps':>11s} {'lr':>8s} {'pass s':>6s}")
     for (d, name, out), s in zip(jobs, secs):
         for k in a.ks:
-            r = [score(a.acts, sae_dir(out, k, seed)) for seed in a.seeds]
+            r = [score(a.acts, sae_dir(out, k, seed, a.ks, a.seeds)) for seed in a.seeds]
             cols = [" ".join(f"{100 * x['rec_answer']:5.1f}%" for x in r), " ".join(f"{x['ev']:.4f}" for x in r),
                     " ".join(f"{100 * x['dead']:4.1f}%" for x in r), " ".join(f"{x['steps']:5d}" for x in r)]
-            print(f"{d:5d} {name:6s} {k:>2s} {cols[0]:>16s} {cols[1]:>15s} {cols[2]:>11s} {cols[3]:>11s} "
+            print(f"{d:5d} {name:6s} {k:2d} {cols[0]:>16s} {cols[1]:>15s} {cols[2]:>11s} {cols[3]:>11s} "
                   f"{r[0]['lr']:8.2e} {s:6.0f}")
 
 
