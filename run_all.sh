@@ -216,6 +216,7 @@ for target in $TARGETS; do
                         notes+=("model seed $ms: the sweep picks k $ck / $cd latents at resid_post, not run_all.sh's default $STUDY_POST")
                     fi
                     post="$ck $cd"
+                    notes+=("model seed $ms: the sweep's SAEs train with 03 flags $SWEEP_ARGS${SAE_ARGS:+ $SAE_ARGS}, the study's with ${SAE_ARGS:-03 defaults}")
                     log "study configuration at resid_post: k $ck, d_sae $cd (CHOOSE_RULE)"
                 fi
                 for site in $SITES; do
