@@ -29,6 +29,10 @@ and every architecture adds (1/32) * AuxK while some latents are dead (below).
     (or `init="orthogonal"`: a semi-orthogonal W_dec, rows then rescaled to unit norm)
   * AuxK: the k_aux most active *dead* latents reconstruct the residual e = x - x_hat;
     loss |e - e_hat|^2 / |e - mean(e)|^2, coefficient 1/32      Gao et al. 2024 (App. A.2)
+    k_aux is their d_in / 2, but d_in / 4 for batchtopk and jumprelu, whose latents fire by
+    clearing a threshold, not by rank in a row: on modular addition (d_in 128) at k 3 / 384
+    it leaves 1-2% of BatchTopK's latents dead where d_in / 2 left 2-17%, and 1-3% of
+    JumpReLU's where it left 3-18%, at the same EV (bench/auxk_size_cpu.txt)
     For relu and jumprelu the dead latents' raw pre-activations are used, not ReLU'd: a
     dead ReLU latent has pre <= 0 on every row, so only the raw value gives it a gradient
     toward the residual (the dead-latent remedy measured best here: bench/sweep_sae_recipe.py;
@@ -155,7 +159,8 @@ class SAE(nn.Module):
     (relu, jumprelu: 03_train_sae.py steers lambda toward it). l1_coeff / l0_coeff:
     lambda of the relu / jumprelu loss for inputs at unit mean squared norm (the trainer
     schedules it and passes `sparsity_coeff`).
-    k_aux (default d_in // 2) and auxk_coeff (1/32): AuxK, Gao et al. 2024. auxk_raw: AuxK
+    k_aux (default d_in // 2; batchtopk and jumprelu d_in // 4) and auxk_coeff (1/32): AuxK,
+    Gao et al. 2024. auxk_raw: AuxK
     decodes the dead latents' raw pre-activations (default for relu, jumprelu) or their ReLU
     (default for the TopK family, as Gao et al.).
     pre_act_coeff: the pre-activation loss on dead latents (jumprelu, topk, batchtopk; 0 = off).
@@ -190,7 +195,9 @@ class SAE(nn.Module):
         if sparsity_loss not in ("step", "tanh"):
             raise UserError(f"sparsity_loss must be step or tanh (got {sparsity_loss!r})")
         self.d_in, self.d_sae, self.arch, self.k = d_in, d_sae, arch, k
-        self.k_aux = d_in // 2 if k_aux is None else k_aux
+        if k_aux is None:             # Gao et al.'s d_in / 2; a threshold arch revives more at d_in / 4
+            k_aux = max(1, d_in // 4) if arch in ("batchtopk", "jumprelu") else d_in // 2
+        self.k_aux = k_aux
         self.auxk_raw = arch in ("relu", "jumprelu") if auxk_raw is None else bool(auxk_raw)
         self.auxk_coeff, self.l1_coeff, self.l0_coeff = auxk_coeff, l1_coeff, l0_coeff
         self.pre_act_coeff, self.sparsity_loss, self.tanh_scale = pre_act_coeff, sparsity_loss, tanh_scale
