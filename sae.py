@@ -29,10 +29,11 @@ and every architecture adds (1/32) * AuxK while some latents are dead (below).
     (or `init="orthogonal"`: a semi-orthogonal W_dec, rows then rescaled to unit norm)
   * AuxK: the k_aux most active *dead* latents reconstruct the residual e = x - x_hat;
     loss |e - e_hat|^2 / |e - mean(e)|^2, coefficient 1/32      Gao et al. 2024 (App. A.2)
-    k_aux is their d_in / 2, but d_in / 4 for batchtopk and jumprelu, whose latents fire by
-    clearing a threshold, not by rank in a row: on modular addition (d_in 128) at k 3 / 384
-    it leaves 1-2% of BatchTopK's latents dead where d_in / 2 left 2-17%, and 1-3% of
-    JumpReLU's where it left 3-18%, at the same EV (bench/auxk_size_cpu.txt)
+    k_aux is their d_in / 2 for topk and relu, d_in / 4 for batchtopk and jumprelu (the two
+    whose latents fire by clearing a threshold, not by rank in a row): on modular addition
+    (d_in 128) at k 3 / 384, seeds 0-2, that leaves 1-2% of BatchTopK's latents dead where
+    d_in / 2 left 2-16%, and 1-3% of JumpReLU's where it left 3-18%, at the same EV
+    (bench/auxk_size.py; measured on modular addition only)
     For relu and jumprelu the dead latents' raw pre-activations are used, not ReLU'd: a
     dead ReLU latent has pre <= 0 on every row, so only the raw value gives it a gradient
     toward the residual (the dead-latent remedy measured best here: bench/sweep_sae_recipe.py;
