@@ -83,9 +83,9 @@ NEWER_FLAGS = {"sparsity_loss": "step"}   # flags added since checkpoints were f
 DEFAULT_MAX_TOKENS = 24_000_000      # the plateau schedule's cap on an in-memory data set
 PRE_ACT_COEFF = 1e-3                 # the pre-activation loss of jumprelu (inputs at unit mean squared norm;
                                      # bench/sweep_pre_act.py: 2e-3 to 1e-2 trade L0, EV or recovery for it)
-                                     # and of topk (its dead latents below zero); batchtopk: off by default, it
-                                     # left more latents dead at k 2-3 on 2 seeds of 3 (bench/dead_pre_cpu.txt)
-PRE_ACT_ARCHS = ("jumprelu", "topk")
+                                     # and of the TopK family (their dead latents below zero; batchtopk since
+                                     # its k_aux is d_in / 4: bench/dead_pre_cpu.txt, block 5)
+PRE_ACT_ARCHS = ("jumprelu", "topk", "batchtopk")
 
 
 def get_args(argv=None):
@@ -184,7 +184,7 @@ def _sparsity_args(p):
                    help="coefficient of the pre-activation loss on dead latents: jumprelu, sum of ReLU(theta - pre) "
                         "(Anthropic, Jan 2025); topk and batchtopk, sum of ReLU(-pre) over the dead latents below "
                         "zero on every row, which the ReLU'd AuxK cannot reach (bench/dead_pre_cpu.txt); default "
-                        "PRE_ACT_COEFF for jumprelu and topk, 0 (off) for batchtopk; relu: none")
+                        "PRE_ACT_COEFF for jumprelu, topk and batchtopk; relu: none")
     p.add_argument("--dead-tokens", type=int, default=None,
                    help="a latent is dead after this many tokens without firing (default min(10M, train rows))")
 
