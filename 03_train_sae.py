@@ -171,7 +171,7 @@ def _sparsity_args(p):
     p.add_argument("--sparsity-loss", choices=("step", "tanh"), default="step",
                    help="jumprelu: lambda * L0 through theta's pseudo-gradient (step, Rajamanoharan et al. 2024) or "
                         "lambda * sum_i tanh(4 f_i |W_dec_i|) (tanh, Anthropic Jan 2025; trains on the dense path)")
-    p.add_argument("--k-aux", type=int, default=None, help="AuxK latents (default d_in/2; batchtopk, jumprelu d_in/4: bench/auxk_size.py)")
+    p.add_argument("--k-aux", type=int, default=None, help="AuxK latents (default d_in/2; batchtopk d_in/4: bench/auxk_size.py)")
     p.add_argument("--auxk-coeff", type=float, default=1 / 32)
     p.add_argument("--auxk-input", choices=("relu", "raw"), default=None,
                    help="what AuxK decodes: the dead latents' ReLU'd pre-activations (default for topk, batchtopk: "

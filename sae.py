@@ -29,11 +29,10 @@ and every architecture adds (1/32) * AuxK while some latents are dead (below).
     (or `init="orthogonal"`: a semi-orthogonal W_dec, rows then rescaled to unit norm)
   * AuxK: the k_aux most active *dead* latents reconstruct the residual e = x - x_hat;
     loss |e - e_hat|^2 / |e - mean(e)|^2, coefficient 1/32      Gao et al. 2024 (App. A.2)
-    k_aux is their d_in / 2 for topk and relu, d_in / 4 for batchtopk and jumprelu (the two
-    whose latents fire by clearing a threshold, not by rank in a row): on modular addition
-    (d_in 128) at k 3 / 384, seeds 0-2, that leaves 1-2% of BatchTopK's latents dead where
-    d_in / 2 left 2-16%, and 1-3% of JumpReLU's where it left 3-18%, at the same EV
-    (bench/auxk_size.py; measured on modular addition only)
+    k_aux is their d_in / 2, but d_in / 4 for batchtopk: on modular addition (d_in 128) at
+    k 3 / 384, seeds 0-2, that leaves 1-2% of its latents dead where d_in / 2 left 2-16%, at
+    the same EV (bench/auxk_size.py; measured on modular addition only). JumpReLU keeps d_in / 2:
+    d_in / 4 helped it at k 3 / 384 but cost one study seed of five 40% of the answer features
     For relu and jumprelu the dead latents' raw pre-activations are used, not ReLU'd: a
     dead ReLU latent has pre <= 0 on every row, so only the raw value gives it a gradient
     toward the residual (the dead-latent remedy measured best here: bench/sweep_sae_recipe.py;
@@ -160,7 +159,7 @@ class SAE(nn.Module):
     (relu, jumprelu: 03_train_sae.py steers lambda toward it). l1_coeff / l0_coeff:
     lambda of the relu / jumprelu loss for inputs at unit mean squared norm (the trainer
     schedules it and passes `sparsity_coeff`).
-    k_aux (default d_in // 2; batchtopk and jumprelu d_in // 4) and auxk_coeff (1/32): AuxK,
+    k_aux (default d_in // 2; batchtopk d_in // 4) and auxk_coeff (1/32): AuxK,
     Gao et al. 2024. auxk_raw: AuxK
     decodes the dead latents' raw pre-activations (default for relu, jumprelu) or their ReLU
     (default for the TopK family, as Gao et al.).
@@ -196,8 +195,8 @@ class SAE(nn.Module):
         if sparsity_loss not in ("step", "tanh"):
             raise UserError(f"sparsity_loss must be step or tanh (got {sparsity_loss!r})")
         self.d_in, self.d_sae, self.arch, self.k = d_in, d_sae, arch, k
-        if k_aux is None:             # Gao et al.'s d_in / 2; a threshold arch revives more at d_in / 4
-            k_aux = max(1, d_in // 4) if arch in ("batchtopk", "jumprelu") else d_in // 2
+        if k_aux is None:             # Gao et al.'s d_in / 2; BatchTopK revives more at d_in / 4
+            k_aux = max(1, d_in // 4) if arch == "batchtopk" else d_in // 2
         self.k_aux = k_aux
         self.auxk_raw = arch in ("relu", "jumprelu") if auxk_raw is None else bool(auxk_raw)
         self.auxk_coeff, self.l1_coeff, self.l0_coeff = auxk_coeff, l1_coeff, l0_coeff

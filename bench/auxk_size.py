@@ -1,6 +1,7 @@
 """How many dead latents AuxK decodes per row (k_aux), for the two architectures whose latents
 fire by clearing a threshold: Gao et al.'s d_in / 2 against d_in / 4, 03's default for
-batchtopk and jumprelu since this script.
+batchtopk since this script (jumprelu kept d_in / 2: at d_in / 4 one study seed of five lost 40%
+of the answer features, README "Training an SAE").
 
     .venv/bin/python bench/auxk_size.py                 # batchtopk, jumprelu at k 3 / 384; batchtopk at k 2 / 256
     .venv/bin/python bench/auxk_size.py --archs batchtopk --configs post:3:384 --k-aux 64 32 16 8 --seeds 0 1

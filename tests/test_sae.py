@@ -136,11 +136,11 @@ def test_raw_auxk_reaches_a_dead_latent_below_zero_that_relu_auxk_cannot(arch):
     assert make("topk").auxk_raw is False and make("relu").auxk_raw is True     # the defaults
 
 
-def test_default_k_aux_is_d_in_over_2_for_rank_archs_and_over_4_for_threshold_archs():
-    """Gao et al.'s d_in / 2 for topk and relu; d_in / 4 (at least 1) for batchtopk and jumprelu,
-    which revive more latents with it (bench/auxk_size.py); an explicit k_aux wins."""
+def test_default_k_aux_is_d_in_over_2_but_over_4_for_batchtopk():
+    """Gao et al.'s d_in / 2; d_in / 4 (at least 1) for batchtopk, which revives more latents
+    with it (bench/auxk_size.py); an explicit k_aux wins."""
     assert {a: make(a).k_aux for a in ("topk", "relu", "batchtopk", "jumprelu")} == \
-        {"topk": 16, "relu": 16, "batchtopk": 8, "jumprelu": 8}
+        {"topk": 16, "relu": 16, "batchtopk": 8, "jumprelu": 16}
     assert SAE(2, 8, "batchtopk", k=1).k_aux == 1 and make("batchtopk", k_aux=5).k_aux == 5
 
 
