@@ -32,7 +32,7 @@ and every architecture adds (1/32) * AuxK while some latents are dead (below).
     k_aux is their d_in / 2, but d_in / 4 for batchtopk: on modular addition (d_in 128) at
     k 3 / 384, seeds 0-2, that leaves 1-2% of its latents dead where d_in / 2 left 2-16%, at
     the same EV (bench/auxk_size.py; measured on modular addition only). JumpReLU keeps d_in / 2:
-    d_in / 4 helped it at k 3 / 384 but cost one study seed of five 40% of the answer features
+    d_in / 4 helped it at k 3 / 384 but cost one study seed of five 40% of the answer features.
     For relu and jumprelu the dead latents' raw pre-activations are used, not ReLU'd: a
     dead ReLU latent has pre <= 0 on every row, so only the raw value gives it a gradient
     toward the residual (the dead-latent remedy measured best here: bench/sweep_sae_recipe.py;
