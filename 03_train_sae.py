@@ -456,6 +456,21 @@ def check_same_run(ckpt_path: Path, ckpt_meta: dict, acts: Acts) -> None:
                     f"{', '.join('--' + k.replace('_', '-') for k in diff)}")
     check(meta.get("acts_sha256_1mb") == acts.sha256_1mb,
           f"--resume: --acts {acts.path} is not the file the run started on")
+    was, now = meta.get("remedies") or remedies_before_044ea18(meta), ckpt_meta["remedies"]
+    check(was == now, f"--resume: the checkpointed run trained with k_aux {was['k_aux']} and pre-act-coeff "
+                      f"{was['pre_act_coeff']}, this 03's defaults give {now['k_aux']} and {now['pre_act_coeff']} "
+                      f"(they changed since): pass --overwrite to start over, or finish it with the code that began it")
+
+
+def remedies_before_044ea18(meta: dict) -> dict:
+    """The dead-latent remedies of a checkpoint written before they were recorded: until then
+    k_aux defaulted to d_in / 2 for every arch and the pre-activation loss was off for batchtopk."""
+    cfg = meta.get("config", {})
+    pre = cfg.get("pre_act_coeff")
+    if pre is None:
+        pre = PRE_ACT_COEFF if cfg.get("arch") in ("jumprelu", "topk") else 0.0
+    return {"k_aux": cfg.get("k_aux") or meta.get("d_in", 0) // 2,
+            "pre_act_coeff": 0.0 if cfg.get("arch") == "relu" else pre}
 
 
 def tidy_out_dir(out: Path, resuming: bool, start: int) -> None:
@@ -715,7 +730,8 @@ def restore_run(run: Run, args, acts: Acts, meta: dict, dev, dist: Dist) -> None
     """Record what a checkpoint must match (config, data, sizes); on --resume load its weights,
     Adam state, dead-latent clocks, lambda and schedule, after checking it is the same run."""
     run.ckpt_meta = {"config": {k: v for k, v in vars(args).items() if k not in RESUME_FREE},
-                     **meta, "d_sae": run.d_sae, "k": run.k, "seed": run.seed}
+                     **meta, "d_sae": run.d_sae, "k": run.k, "seed": run.seed,
+                     "remedies": {"k_aux": run.sae.k_aux, "pre_act_coeff": run.sae.pre_act_coeff}}
     if run.resuming:
         check_same_run(run.out / CKPT, run.ckpt_meta, acts)
         run.start, run.since_fired, run.lam = load_checkpoint(run.out / CKPT, run.sae, run.opt)

@@ -456,6 +456,24 @@ def test_unfinished_run_needs_resume_or_overwrite_and_flags_must_match(k2, tmp_p
     assert (tmp_path / "summary.json").exists() and metrics(tmp_path)[0]["step"] == 25
 
 
+def test_resume_refuses_a_checkpoint_whose_dead_latent_remedies_were_other_defaults(k2, tmp_path, capsys):
+    """BatchTopK's k_aux (d_in / 4) and pre-activation loss (on) changed at 044ea18: a checkpoint
+    written before, which records neither, ran at d_in / 2 and no loss, and must not be continued
+    under the new defaults as if it were the same run."""
+    acts, _ = k2
+    args = ["--acts", acts, "--out", tmp_path, "--arch", "batchtopk", "--expansion", "2", "--tokens", 512 * 30, *BASE]
+    run(*args, "--stop-after-steps", 10)
+    ckpt = tmp_path / "checkpoint.safetensors"
+    meta = json.loads(load_tensor_metadata(ckpt)["state"])
+    assert meta["remedies"] == {"k_aux": meta["d_in"] // 4, "pre_act_coeff": 1e-3}
+    del meta["remedies"]                                    # as a checkpoint of 044ea18's parent
+    save_file(load_file(str(ckpt)), str(ckpt), metadata={**load_tensor_metadata(ckpt), "state": json.dumps(meta)})
+    code, err = call(capsys, *args, "--resume", "--quiet")
+    assert code == 2 and f"trained with k_aux {meta['d_in'] // 2} and pre-act-coeff 0.0" in err and "--overwrite" in err
+    run(*args, "--overwrite")
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 30
+
+
 def test_plain_activations_file_gets_a_seeded_ten_percent_holdout(tmp_path):
     x = sparse_dictionary_data(n=3000, active=2)[0]
     save_file({"activations": x}, str(tmp_path / "mine.safetensors"))
