@@ -159,10 +159,9 @@ class SAE(nn.Module):
     (relu, jumprelu: 03_train_sae.py steers lambda toward it). l1_coeff / l0_coeff:
     lambda of the relu / jumprelu loss for inputs at unit mean squared norm (the trainer
     schedules it and passes `sparsity_coeff`).
-    k_aux (default d_in // 2; batchtopk d_in // 4) and auxk_coeff (1/32): AuxK,
-    Gao et al. 2024. auxk_raw: AuxK
-    decodes the dead latents' raw pre-activations (default for relu, jumprelu) or their ReLU
-    (default for the TopK family, as Gao et al.).
+    k_aux (default d_in // 2; batchtopk d_in // 4) and auxk_coeff (1/32): AuxK, Gao et al.
+    2024. auxk_raw: AuxK decodes the dead latents' raw pre-activations (default for relu,
+    jumprelu) or their ReLU (default for the TopK family, as Gao et al.).
     pre_act_coeff: the pre-activation loss on dead latents (jumprelu, topk, batchtopk; 0 = off).
     sparsity_loss (jumprelu): "step", lambda * L0 through the threshold's pseudo-gradient
     (Rajamanoharan et al. 2024), or "tanh", lambda * sum_i tanh(tanh_scale * f_i |W_dec_i|), a
