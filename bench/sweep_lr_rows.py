@@ -8,7 +8,8 @@ pass's wall seconds (one torch thread, --jobs passes side by side).
     .venv/bin/python bench/sweep_lr_rows.py --widths 512 --ks 2 3 4
 
 Recipes: "4M" = 03's default lr, at most 4M rows (the sweep before); "2M" = the default lr, at most
-2M rows; "2M x2" = twice the default lr (--lr-scale 2), at most 2M rows (the sweep now).
+2M rows; "2M x2" = twice the default lr (--lr-scale 2), at most 2M rows (the sweep now); "1M x2",
+"1M x3": half those rows at twice / three times the default lr (--recipes picks which to run).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_recipe import score, train  # noqa: E402
 
 RECIPES = {"4M": ["--max-tokens", "4000000"], "2M": ["--max-tokens", "2000000"],
-           "2M x2": ["--max-tokens", "2000000", "--lr-scale", "2"]}
+           "2M x2": ["--max-tokens", "2000000", "--lr-scale", "2"],
+           "1M x2": ["--max-tokens", "1000000", "--lr-scale", "2"], "1M x3": ["--max-tokens", "1000000", "--lr-scale", "3"]}
 
 
 def sae_dir(out: Path, k: int, seed: str, ks: list, seeds: list) -> Path:
@@ -38,12 +40,13 @@ def main():
     ap.add_argument("--widths", nargs="+", type=int, default=[1024, 256])
     ap.add_argument("--ks", nargs="+", type=int, default=[2, 3])
     ap.add_argument("--seeds", nargs="+", default=["1", "2"])
+    ap.add_argument("--recipes", nargs="+", default=["4M", "2M", "2M x2"], choices=list(RECIPES))
     ap.add_argument("--jobs", type=int, default=2, help="03 passes side by side (one torch thread each)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "sweep_lr_rows")
     a = ap.parse_args()
     if not a.acts.is_file():
         raise SystemExit(f"error: --acts {a.acts} does not exist: run 01 and 02 (or bash run_all.sh) first")
-    jobs = [(d, name, a.out / f"d{d}" / name.replace(" ", "")) for d in a.widths for name in RECIPES]
+    jobs = [(d, name, a.out / f"d{d}" / name.replace(" ", "")) for d in a.widths for name in a.recipes]
     with ThreadPoolExecutor(a.jobs) as pool:
         secs = list(pool.map(lambda j: train(a.acts, j[2], "topk", a.ks, j[0], ["--seed", *a.seeds, *RECIPES[j[1]]]),
                              jobs))

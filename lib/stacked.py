@@ -230,7 +230,8 @@ class StackedSAE(nn.Module):
             code = pre_sub if self.auxk_raw else pre_sub.relu()
             return torch.bmm(code * keep, self.W_dec.gather(1, idx.unsqueeze(2).expand(S, n, self.d_in)))
         with torch.no_grad():                # sparse: pattern columns are global latent ids s*d + j
-            ids = (idx + torch.arange(S, device=pre.device).unsqueeze(1) * d).repeat_interleave(B, 0).gather(1, top)
+            ids = (idx + torch.arange(S, device=pre.device).unsqueeze(1) * d).unsqueeze(1).expand(S, B, n)
+            ids = ids.gather(2, top.view(S, B, k_aux)).view(S * B, k_aux)     # a view: no [S*B, n] copy
             pat = SparsePattern.from_topk(ids, S * d)
             x_c = (x - self.b_dec.unsqueeze(1)).view(S * B, -1)
         vals = _StackedSparseEncode.apply(v.reshape(-1), x_c, self.W_enc, self.b_enc, self.b_dec, pat)
