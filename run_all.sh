@@ -54,10 +54,11 @@ SWEEP=${SWEEP:-1}
 SWEEP_K=${SWEEP_K:-"1 2 3 4 8 16 32"}
 SWEEP_D=${SWEEP_D:-"128 256 512 1024"}
 SWEEP_SEEDS=${SWEEP_SEEDS:-"1 2"}
-# The sweep's SAEs train with 03's defaults but twice the default lr, to their plateau or 2M rows
-# (~1,950 steps), whichever comes first: at width 1024 that recovers the answer features 4M rows at
-# the default lr do, in half the time (bench/sweep_lr_rows.py); the study keeps 03's defaults.
-SWEEP_ARGS=${SWEEP_ARGS:-"--max-tokens 2000000 --lr-scale 2"}
+# The sweep's SAEs train with 03's defaults but three times the default lr, to their plateau or 1M
+# rows (~980 steps), whichever comes first: a screen, at about a quarter of the study's length. At
+# width 256 that recovers the answer features 2M rows at twice the lr did, at width 1024 k 2 too, and
+# 10 points fewer at width 1024 k 3 (bench/sweep_lr_rows.py); the study keeps 03's defaults.
+SWEEP_ARGS=${SWEEP_ARGS:-"--max-tokens 1000000 --lr-scale 3"}
 # The study's configuration without a sweep: what CHOOSE_RULE picks on the default model (seed 42).
 STUDY_POST=${STUDY_POST:-"2 256"}
 STUDY_MID=${STUDY_MID:-"2 256"}
@@ -161,13 +162,13 @@ sweep() {      # args: acts sae_root results_root
     drain
 }
 
-# The study at one site: every architecture's seeds in one 03 pass each (the slowest first, so the
-# others fill the other slots: relu runs longest, to its cap), then one 04 call and one 05 per
-# architecture.
+# The study at one site: every architecture's seeds in one 03 pass each, the longest first (their
+# measured pass times, README "Timing": relu runs longest, to its plateau at ~11,000 steps), so the
+# shorter ones fill whichever slot frees first; then one 04 call and one 05 per architecture.
 study() {      # args: acts run sae_root results_root k [d_sae]
     local acts=$1 run=$2 root=$3 res=$4 k=$5 d=${6:-} arch s dirs pairs
     local order=()
-    for arch in relu jumprelu batchtopk topk; do [[ " $ARCHS " == *" $arch "* ]] && order+=("$arch"); done
+    for arch in relu batchtopk batchtopk-data jumprelu topk topk-data; do [[ " $ARCHS " == *" $arch "* ]] && order+=("$arch"); done
     for arch in $ARCHS; do [[ " ${order[*]} " == *" $arch "* ]] || order+=("$arch"); done
     for arch in "${order[@]}"; do                          # "topk-data": --arch topk --init data
         log "03 $arch k $k d_sae ${d:-default} seeds $SEEDS"
