@@ -281,13 +281,11 @@ def latent_selectivity(acts: torch.Tensor, values: torch.Tensor, p: int) -> torc
     values [N] (one variable, e.g. c) or [N, k] (a row holds value v when any of its k entries is v,
     counted once; e.g. (a, b) for the operand table). NaN for latents that never fire.
     One value only -> 1; even mass over a single variable on a balanced set of rows -> 1 / p."""
-    f = acts.double()
-    if bool((f < 0).any()):
+    if bool((acts < 0).any()):
         raise ValueError("latent_selectivity needs non-negative codes")
-    if len(values) != len(f):
-        raise ValueError(f"values has {len(values)} rows, acts {len(f)}")
-    S = value_presence(values, p).double().T @ f       # [p, L]; a value twice on a row counts once
-    tot = f.sum(0)
+    if len(values) != len(acts):
+        raise ValueError(f"values has {len(values)} rows, acts {len(acts)}")
+    S, tot = value_sums(acts, values, p)                # [p, L]; a value twice on a row counts once
     sel = S.max(0).values / tot.clamp_min(1e-300)
     return torch.where(tot > 0, sel, torch.full_like(sel, float("nan")))
 
@@ -310,6 +308,26 @@ def value_presence(values: torch.Tensor, p: int) -> torch.Tensor:
     return present
 
 
+def value_sums(acts: torch.Tensor, values: torch.Tensor, p: int, count: bool = False):
+    """(S [p, L], tot [L]), float64: S = value_presence(values, p).T @ w and tot = w summed per
+    latent, with w = acts (count=False) or 1 where acts > 0 (count=True), from the non-zero
+    entries only: a code has ~k of L latents on per row, so the dense product is ~L / k times
+    the work (04 scores every SAE's code and its chance codes this way)."""
+    values = values.long()
+    if values.ndim == 1:
+        values = values[:, None]
+    n, l = (acts > 0).nonzero(as_tuple=True) if count else acts.nonzero(as_tuple=True)
+    w = torch.ones(len(n), dtype=torch.float64) if count else acts[n, l].double()
+    S = torch.zeros(p, acts.shape[1], dtype=torch.float64)
+    for j in range(values.shape[1]):
+        v = values[n, j]
+        first = torch.ones_like(v, dtype=torch.bool)
+        for i in range(j):                              # a value twice on a row counts once
+            first &= values[n, i] != v
+        S.index_put_((v[first], l[first]), w[first], accumulate=True)
+    return S, torch.zeros(acts.shape[1], dtype=torch.float64).index_add_(0, l, w)
+
+
 def firing_f1(acts: torch.Tensor, values: torch.Tensor, p: int) -> torch.Tensor:
     """Per value v, the best over latents l of the F1 score between "l fires" (acts > 0) and "the
     row holds v" (values as in latent_selectivity): F1 = 2 |fire_l & holds_v| / (|fire_l| + |holds_v|).
@@ -318,13 +336,12 @@ def firing_f1(acts: torch.Tensor, values: torch.Tensor, p: int) -> torch.Tensor:
     every row, d_l -> d_l + u / f_l, b_dec -> b_dec - k u leaves every reconstruction unchanged (the
     activations f_l are near constant per latent on this grid) but moves every decoder row's cosine
     to the table (bench/offset_gauge.py). Returns [p] float64."""
-    fire = (acts > 0).double()
-    present = value_presence(values, p).double()
-    if len(present) != len(fire):
-        raise ValueError(f"values has {len(present)} rows, acts {len(fire)}")
-    inter = present.T @ fire                                                  # [p, L]
-    f1 = 2 * inter / (present.sum(0)[:, None] + fire.sum(0)[None, :]).clamp_min(1e-300)
-    return f1.max(1).values if fire.shape[1] else torch.zeros(p, dtype=torch.float64)
+    if len(values) != len(acts):
+        raise ValueError(f"values has {len(values)} rows, acts {len(acts)}")
+    inter, n_fire = value_sums(acts, values, p, count=True)                   # [p, L], [L]
+    n_value = value_presence(values, p).sum(0, dtype=torch.float64)
+    f1 = 2 * inter / (n_value[:, None] + n_fire[None, :]).clamp_min(1e-300)
+    return f1.max(1).values if acts.shape[1] else torch.zeros(p, dtype=torch.float64)
 
 
 def firing_recovery(acts: torch.Tensor, values: torch.Tensor, p: int, threshold: float = 0.9) -> float:

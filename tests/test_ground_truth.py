@@ -210,6 +210,23 @@ def test_selectivity_by_hand():
         M.latent_selectivity(-acts, c, p)
 
 
+def test_value_sums_equal_the_dense_product():
+    """value_sums (the sparse sums selectivity and firing F1 use) = value_presence(values).T @ acts,
+    with a value on both operand slots of a row counted once."""
+    g = torch.Generator().manual_seed(0)
+    p, N = 7, 400
+    acts = (torch.randn(N, 30, generator=g) * (torch.rand(N, 30, generator=g) < 0.1)).relu()
+    ab = torch.randint(p, (N, 2), generator=g)
+    ab[:50, 1] = ab[:50, 0]                                       # a = b on some rows
+    for vals in (ab[:, 0], ab):
+        S, tot = M.value_sums(acts, vals, p)
+        torch.testing.assert_close(S, M.value_presence(vals, p).double().T @ acts.double())
+        torch.testing.assert_close(tot, acts.double().sum(0))
+        S, n = M.value_sums(acts, vals, p, count=True)
+        torch.testing.assert_close(S, M.value_presence(vals, p).double().T @ (acts > 0).double())
+        torch.testing.assert_close(n, (acts > 0).double().sum(0))
+
+
 def test_score_decoder_selectivity_from_codes():
     x, a, b, T = _planted()
     gt = G.fit_value_tables(x, a, b, P)
