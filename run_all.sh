@@ -123,19 +123,21 @@ train_saes() {
     log "03 done: $out ($((SECONDS - t0)) s)"      # each pass's own time: the core-minutes of the study
 }
 
+# 04 and 05 take THREADS torch threads, as 03 does: JOBS processes of torch's default (every core)
+# side by side oversubscribe the cores (two sweep 04 calls at once: 69 s against 42 s on one each).
 evaluate() {   # args: acts "04 flags" sae1 eval1 [sae2 eval2 ...]: one 04 call for the SAEs not yet evaluated
     local acts=$1 flags=$2 saes=() outs=(); shift 2
     while (( $# )); do [[ -f "$2" ]] || { saes+=("$1"); outs+=("$2"); }; shift 2; done
     (( ${#saes[@]} )) || return 0
     # shellcheck disable=SC2086
-    "$PY" 04_evaluate.py --sae "${saes[@]}" --acts "$acts" --out "${outs[@]}" --quiet $flags $EVAL_ARGS
+    OMP_NUM_THREADS=$THREADS "$PY" 04_evaluate.py --sae "${saes[@]}" --acts "$acts" --out "${outs[@]}" --quiet $flags $EVAL_ARGS
 }
 
 overlap() {    # args: out_dir sae_dir...
     local odir=$1; shift
     if [[ ! -f "$odir/overlap.json" || "$(cat "$odir/saes.txt" 2>/dev/null)" != "$*" ]]; then
         # shellcheck disable=SC2086
-        "$PY" 05_overlap.py --saes "$@" --out "$odir" --quiet $OVERLAP_ARGS
+        OMP_NUM_THREADS=$THREADS "$PY" 05_overlap.py --saes "$@" --out "$odir" --quiet $OVERLAP_ARGS
         echo "$*" > "$odir/saes.txt"
     fi
 }
