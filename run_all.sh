@@ -142,26 +142,24 @@ overlap() {    # args: out_dir sae_dir...
     fi
 }
 
-# The TopK sweep over k x width at one site: a width's whole grid (k x seeds) in one 03 pass, then
-# its 04 call in the same job (so a slot that finishes early scores its width while the other still
-# trains); the seeds' agreement on the ground truth (features every seed recovers) comes from the
+# The TopK sweep over k x width at one site: a width's whole grid (k x seeds) in one 03 pass and one
+# 04 call; the seeds' agreement on the ground truth (features every seed recovers) comes from the
 # eval files (lib/report.py), so the sweep needs no 05.
-sweep_width() {   # args: acts sae_root results_root d_sae
-    local acts=$1 root=$2 res=$3 d=$4 k s pairs=()
-    # shellcheck disable=SC2086
-    train_saes "$acts" "$root/d$d" topk "$SWEEP_SEEDS" --k $SWEEP_K --d-sae "$d" $SWEEP_ARGS
-    for k in $SWEEP_K; do for s in $SWEEP_SEEDS; do
-        pairs+=("$root/d$d/k${k}_seed$s" "$res/k${k}_d$d/eval/topk_seed$s/eval.json")
-    done; done
-    evaluate "$acts" --no-model "${pairs[@]}"
-    log "04 done: sweep width $d"
-}
-
 sweep() {      # args: acts sae_root results_root
-    local acts=$1 root=$2 res=$3 d
+    local acts=$1 root=$2 res=$3 d k s pairs
     for d in $(printf '%s\n' $SWEEP_D | sort -rn); do     # widest (slowest) first: the others fill the other slot
-        log "03 + 04 sweep: topk, width $d, k $SWEEP_K, seeds $SWEEP_SEEDS"
-        job sweep_width "$acts" "$root" "$res" "$d"
+        log "03 sweep: topk, width $d, k $SWEEP_K, seeds $SWEEP_SEEDS"
+        # shellcheck disable=SC2086
+        job train_saes "$acts" "$root/d$d" topk "$SWEEP_SEEDS" --k $SWEEP_K --d-sae "$d" $SWEEP_ARGS
+    done
+    drain
+    log "04 sweep"
+    for d in $SWEEP_D; do
+        pairs=()
+        for k in $SWEEP_K; do for s in $SWEEP_SEEDS; do
+            pairs+=("$root/d$d/k${k}_seed$s" "$res/k${k}_d$d/eval/topk_seed$s/eval.json")
+        done; done
+        job evaluate "$acts" --no-model "${pairs[@]}"
     done
     drain
 }
