@@ -336,7 +336,9 @@ def sweep_section(es: list, overlaps: list, site: str, base: Path, figdir: Path)
              f"TopK over k × width at {site}, seeds per cell: {max(r['n'] for r in rows.values())}; "
              f"cells hold the % of the {f} features recovered at cos > 0.9 (chance: random decoders "
              f"{pct(mean([r['features'].get(f, {}).get('chance', float('nan')) for r in rows.values()]))}); "
-             "'guide' marks the seed guide's k 32 / 1024 latents.", ""]
+             "'guide' marks the seed guide's k 32 / 1024 latents. The sweep is a screen: its SAEs train for a "
+             "budget (their 03 flags are in the notes above), and a cell whose SAEs reached the --max-tokens cap "
+             "before their plateau reads low (README, \"Timing\").", ""]
     guide = rows.get(("topk", 32, 1024))
     if guide is not None:
         lines += [f"At the seed guide's k 32 / 1024 latents: {pct(mean(guide['features'].get(f, {}).get('each', [])))} "
