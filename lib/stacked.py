@@ -58,6 +58,27 @@ class _StackedSparseEncode(_SparseEncode):
         return None, None, dW_enc, db_enc, db_dec, None
 
 
+class _StackedSubEncode(torch.autograd.Function):
+    """pre_sub [S, B, n]: each block's pre-activations of n gathered latents, already computed
+    without grad (a gather of the step's pre), as a function of their encoder columns W_sub
+    [S, d_in, n], b_sub [S, n] and b_dec [S, d_in]. Autograd through a recomputed
+    (x - b_dec) @ W_sub + b_sub would pay that batched matmul again plus one more for b_dec's
+    gradient; here: dW_sub = x_c^T G, db_sub = column sums of G, db_dec = -W_sub db_sub (a
+    mat-vec, as kernels._DenseEncode)."""
+
+    @staticmethod
+    def forward(ctx, pre_sub, x_c, W_sub, b_sub, b_dec):
+        ctx.save_for_backward(x_c, W_sub)
+        return pre_sub.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x_c, W_sub = ctx.saved_tensors
+        db_sub = g.sum(1)
+        db_dec = -torch.bmm(W_sub, db_sub.unsqueeze(2)).squeeze(2)
+        return None, None, torch.bmm(x_c.transpose(1, 2), g), db_sub, db_dec
+
+
 def _ids_first(mask: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Each block's latent ids where mask [S, d] is True, first, padded to the most any block
     has: idx [S, n] and valid [S, 1, n] (1.0 for a real id, 0.0 for padding)."""
@@ -214,27 +235,28 @@ class StackedSAE(nn.Module):
             if k_aux == 0:
                 return None
             keep = valid
+            pre_g = pre.gather(2, idx.unsqueeze(1).expand(S, B, n))                       # [S, B, n]
             if k_aux < n:                    # the k_aux most active dead latents of each (block, row)
-                sub = pre.gather(2, idx.unsqueeze(1).expand(S, B, n))
                 if self.auxk_raw:            # padding below every dead latent, whatever its sign
-                    v, top = sub.masked_fill_(valid == 0, -torch.inf).view(S * B, n).topk(k_aux, dim=-1, sorted=False)
+                    v, top = pre_g.masked_fill(valid == 0, -torch.inf).view(S * B, n).topk(k_aux, dim=-1, sorted=False)
                     pick = v.isfinite()      # False: padding, in a block with fewer dead than k_aux
                     v = v.where(pick, 0.0)
                 else:
-                    v, top = topk_relu(sub.relu_().mul_(valid).view(S * B, n), k_aux)
+                    v, top = topk_relu(pre_g.relu().mul_(valid).view(S * B, n), k_aux)
+            x_c = x - self.b_dec.unsqueeze(1)                                               # [S, B, d_in]
         if 4 * k_aux >= n:                   # dense sub-dictionary
             if k_aux < n:
                 keep = torch.zeros(S * B, n, dtype=pre.dtype, device=pre.device).scatter_(1, top, 1.0)
                 keep = keep.view(S, B, n).mul_(valid)
-            pre_sub = self._sub_pre(x, idx)
+            W_sub = self.W_enc.gather(2, idx.unsqueeze(1).expand(-1, self.d_in, -1))           # [S, d_in, n]
+            pre_sub = _StackedSubEncode.apply(pre_g, x_c, W_sub, self.b_enc.gather(1, idx), self.b_dec)
             code = pre_sub if self.auxk_raw else pre_sub.relu()
             return torch.bmm(code * keep, self.W_dec.gather(1, idx.unsqueeze(2).expand(S, n, self.d_in)))
         with torch.no_grad():                # sparse: pattern columns are global latent ids s*d + j
             ids = (idx + torch.arange(S, device=pre.device).unsqueeze(1) * d).unsqueeze(1).expand(S, B, n)
             ids = ids.gather(2, top.view(S, B, k_aux)).view(S * B, k_aux)     # a view: no [S*B, n] copy
             pat = SparsePattern.from_topk(ids, S * d)
-            x_c = (x - self.b_dec.unsqueeze(1)).view(S * B, -1)
-        vals = _StackedSparseEncode.apply(v.reshape(-1), x_c, self.W_enc, self.b_enc, self.b_dec, pat)
+        vals = _StackedSparseEncode.apply(v.reshape(-1), x_c.view(S * B, -1), self.W_enc, self.b_enc, self.b_dec, pat)
         vals = vals * pick.reshape(-1) if self.auxk_raw else vals.relu()
         return _SparseDecode.apply(vals, self.W_dec.view(S * d, -1), pat).view(S, B, -1)
 
