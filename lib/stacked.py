@@ -122,12 +122,12 @@ class StackedSAE(nn.Module):
         B, S, d = x.shape[0], self.S, self.d_sae
         losses, self._min_active = {}, None
         if self.use_sparse(x):                             # TopK family: lib/kernels.py on virtual rows
-            x_hat, pre, vals, pat = self._sparse_code(x)
+            x_hat, pre, vals, pat, x_c = self._sparse_code(x)
             with torch.no_grad():
                 col = pat.col[vals > 0]
                 fired = torch.bincount(col, minlength=S * d).view(S, d) > 0
                 l0 = torch.bincount(col // d, minlength=S) / B
-            e_hat = None if dead_mask is None else self._sparse_auxk(pre, x, dead_mask)
+            e_hat = None if dead_mask is None else self._sparse_auxk(pre, x_c, dead_mask)
         else:
             pre = torch.baddbmm(self.b_enc.unsqueeze(1), x - self.b_dec.unsqueeze(1), self.W_enc)   # [S, B, d]
             acts, l0, extra = self._dense_code(pre, sparsity_coeff)
@@ -181,7 +181,7 @@ class StackedSAE(nn.Module):
     def _sparse_code(self, x):
         """The TopK-family step of lib/kernels.py on virtual rows r = s*B + b (block s, row b):
         pattern columns are global latent ids s*d + j, so the sparse decode applies as is.
-        Returns x_hat [S, B, d_in], pre [S, B, d] (no grad), vals, pattern."""
+        Returns x_hat [S, B, d_in], pre [S, B, d] (no grad), vals, pattern, x_c [S*B, d_in] = x - b_dec."""
         B, S, d = x.shape[0], self.S, self.d_sae
         with torch.no_grad():
             x_c = (x - self.b_dec.unsqueeze(1)).view(S * B, -1)                    # [S*B, d_in]
@@ -200,7 +200,7 @@ class StackedSAE(nn.Module):
                 pat = SparsePattern.from_flat(glob, S * B, S * d)
         vals = _StackedSparseEncode.apply(v, x_c, self.W_enc, self.b_enc, self.b_dec, pat).relu()
         x_hat = _SparseDecode.apply(vals, self.W_dec.view(S * d, -1), pat).view(S, B, -1) + self.b_dec.unsqueeze(1)
-        return x_hat, pre, vals, pat
+        return x_hat, pre, vals, pat, x_c
 
     # -- AuxK (Gao et al. 2024) per block: sae.SAE._auxk_e_hat and _auxk_loss -----------------
 
@@ -219,15 +219,16 @@ class StackedSAE(nn.Module):
         v = (v if self.auxk_raw else v.relu()) * valid
         return torch.bmm(torch.zeros_like(pre).scatter(-1, i, v), self.W_dec)
 
-    def _sparse_auxk(self, pre, x, dead_mask):
+    def _sparse_auxk(self, pre, x_c, dead_mask):
         """The TopK family's AuxK (kernels.sparse_auxk_e_hat) over each block's dead latents
         (gathered, padded to the most any block has; padding is never picked, or weighted 0),
         keeping the k_aux largest of each (block, row), raw or ReLU'd (auxk_raw). Where k_aux
         is over a quarter of them: dense batched matmuls over the dead sub-dictionary; else the
         sparse kernels of the main code on virtual rows, which
         touch k_aux latents per row (measured: 1.7x faster at 860 of 1024 dead, 1.3x slower
-        at 100 of 256)."""
+        at 100 of 256). x_c [S*B, d_in]: the step's x - b_dec (_sparse_code)."""
         S, B, d = pre.shape
+        x_c = x_c.view(S, B, -1)
         with torch.no_grad():
             idx, valid = _ids_first(dead_mask, pre.dtype)                                  # dead ids first
             n = idx.shape[1]
@@ -243,7 +244,6 @@ class StackedSAE(nn.Module):
                     v = v.where(pick, 0.0)
                 else:
                     v, top = topk_relu(pre_g.relu().mul_(valid).view(S * B, n), k_aux)
-            x_c = x - self.b_dec.unsqueeze(1)                                               # [S, B, d_in]
         if 4 * k_aux >= n:                   # dense sub-dictionary
             if k_aux < n:
                 keep = torch.zeros(S * B, n, dtype=pre.dtype, device=pre.device).scatter_(1, top, 1.0)
