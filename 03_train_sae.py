@@ -84,7 +84,8 @@ DEFAULT_MAX_TOKENS = 24_000_000      # the plateau schedule's cap on an in-memor
 PRE_ACT_COEFF = 1e-3                 # the pre-activation loss of jumprelu (inputs at unit mean squared norm;
                                      # bench/sweep_pre_act.py: 2e-3 to 1e-2 trade L0, EV or recovery for it)
                                      # and of the TopK family (their dead latents below zero; batchtopk since
-                                     # its k_aux is d_in / 4: bench/dead_pre_cpu.txt, block 5)
+                                     # its k_aux is d_in / 4: bench/dead_pre_cpu.txt, block 5; block 6: 1e-2 keeps
+                                     # batchtopk's latents alive at k 32 but costs answer features at k 2-3)
 PRE_ACT_ARCHS = ("jumprelu", "topk", "batchtopk")
 
 
