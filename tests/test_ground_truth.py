@@ -276,6 +276,23 @@ def test_firing_f1_by_hand():
         M.firing_f1(acts[:-1], c, p)
 
 
+def test_threshold_ceiling_by_hand():
+    """bench/threshold_ceiling.py's detectors: the best cut of a score, a top-k code, and a held-out
+    logistic detector on a case a threshold separates."""
+    from bench.threshold_ceiling import best_threshold_f1, heldout_linear_f1, topk_code
+    scores = torch.tensor([[4.0, 4.0], [3.0, 3.0], [2.0, 2.0], [1.0, 1.0]])
+    holds = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.bool)
+    # column 0: cut after two rows, F1 1; column 1: its rows score lowest, best is fire on all, 2*2/(4+2)
+    torch.testing.assert_close(best_threshold_f1(scores, holds), torch.tensor([1.0, 2 / 3], dtype=torch.float64))
+    assert topk_code(torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.3]]), 2).tolist() == [[0, 1, 1], [1, 0, 1]]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 3, generator=g, dtype=torch.float64)
+    separable = torch.stack([x[:, 0] + x[:, 1] > 1.0, x[:, 2] < -0.5], 1)
+    assert heldout_linear_f1(x, separable).min() > 0.95
+    noise = torch.rand(2000, 1, generator=g) < 0.2                          # independent of x: no detector
+    assert heldout_linear_f1(x, noise).item() < 0.45
+
+
 # ----------------------------------------------------------------------------
 # Fourier planes
 
