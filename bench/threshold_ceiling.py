@@ -37,13 +37,20 @@ from sae import SAE  # noqa: E402
 FEATURE = {"resid_mid": "operand", "resid_post": "answer"}
 
 
-def best_threshold_f1(scores: torch.Tensor, holds: torch.Tensor) -> torch.Tensor:
-    """scores, holds [N, p]: per column, the best F1 over thresholds of "score > t" against holds.
-    Sorting each column descending, the cut after row i fires on i + 1 rows: F1 = 2 TP / (i + 1 + P)."""
-    order = scores.argsort(dim=0, descending=True)
+def best_cut(scores: torch.Tensor, holds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores, holds [N, p]: per column, the best F1 over thresholds of "score >= t" against holds,
+    and that t. Sorting each column descending, the cut after row i fires on i + 1 rows:
+    F1 = 2 TP / (i + 1 + P)."""
+    s, order = scores.sort(dim=0, descending=True)
     tp = holds.gather(0, order).double().cumsum(0)                       # [N, p]
     fired = torch.arange(1, len(scores) + 1, dtype=torch.float64)[:, None]
-    return (2 * tp / (fired + holds.sum(0, dtype=torch.float64))).max(0).values
+    f1, i = (2 * tp / (fired + holds.sum(0, dtype=torch.float64))).max(0)
+    return f1, s.gather(0, i.unsqueeze(0)).squeeze(0)
+
+
+def best_threshold_f1(scores: torch.Tensor, holds: torch.Tensor) -> torch.Tensor:
+    """Per column of scores [N, p], the F1 against holds [N, p] of its best threshold (best_cut)."""
+    return best_cut(scores, holds)[0]
 
 
 def logistic_fit(x: torch.Tensor, holds: torch.Tensor, iters: int = 200):
@@ -75,12 +82,8 @@ def heldout_linear_f1(x: torch.Tensor, holds: torch.Tensor, seed: int = 0, frac:
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     tr, te = perm[: int(frac * len(x))], perm[int(frac * len(x)):]
     score = logistic_fit(x[tr], holds[tr])
-    s_tr, s_te = score(x[tr]), score(x[te])
-    order = s_tr.argsort(dim=0, descending=True)
-    tp = holds[tr].gather(0, order).double().cumsum(0)
-    f1 = 2 * tp / (torch.arange(1, len(tr) + 1, dtype=torch.float64)[:, None] + holds[tr].sum(0, dtype=torch.float64))
-    t = s_tr.gather(0, order)[f1.argmax(0), torch.arange(holds.shape[1])]        # per column: the best cut
-    fire = s_te >= t
+    _, t = best_cut(score(x[tr]), holds[tr])                               # per column: the best cut
+    fire = score(x[te]) >= t
     hits = (fire & holds[te]).sum(0, dtype=torch.float64)
     return 2 * hits / (fire.sum(0, dtype=torch.float64) + holds[te].sum(0, dtype=torch.float64)).clamp_min(1e-300)
 
