@@ -248,8 +248,7 @@ class StackedSAE(nn.Module):
             if k_aux < n:
                 keep = torch.zeros(S * B, n, dtype=pre.dtype, device=pre.device).scatter_(1, top, 1.0)
                 keep = keep.view(S, B, n).mul_(valid)
-            W_sub = self.W_enc.gather(2, idx.unsqueeze(1).expand(-1, self.d_in, -1))           # [S, d_in, n]
-            pre_sub = _StackedSubEncode.apply(pre_g, x_c, W_sub, self.b_enc.gather(1, idx), self.b_dec)
+            pre_sub = _StackedSubEncode.apply(pre_g, x_c, *self._sub_encoder(idx), self.b_dec)
             code = pre_sub if self.auxk_raw else pre_sub.relu()
             return torch.bmm(code * keep, self.W_dec.gather(1, idx.unsqueeze(2).expand(S, n, self.d_in)))
         with torch.no_grad():                # sparse: pattern columns are global latent ids s*d + j
@@ -274,11 +273,15 @@ class StackedSAE(nn.Module):
                 return pre.new_zeros(S)
         return ((-self._sub_pre(x, idx)).relu() * valid).sum(-1).mean(1)
 
+    def _sub_encoder(self, idx):
+        """Each block's encoder columns W_sub [S, d_in, n] and biases b_sub [S, n] of its latents
+        idx [S, n] (gathered: autograd scatters their gradients back)."""
+        return self.W_enc.gather(2, idx.unsqueeze(1).expand(-1, self.d_in, -1)), self.b_enc.gather(1, idx)
+
     def _sub_pre(self, x, idx):
-        """Pre-activations [S, B, n] of each block's latents idx [S, n], with their gradient
-        (the gathered encoder columns; autograd scatters the gradients back)."""
-        W_enc = self.W_enc.gather(2, idx.unsqueeze(1).expand(-1, self.d_in, -1))                # [S, d_in, n]
-        return torch.baddbmm(self.b_enc.gather(1, idx).unsqueeze(1), x - self.b_dec.unsqueeze(1), W_enc)
+        """Pre-activations [S, B, n] of each block's latents idx [S, n], with their gradient."""
+        W_sub, b_sub = self._sub_encoder(idx)
+        return torch.baddbmm(b_sub.unsqueeze(1), x - self.b_dec.unsqueeze(1), W_sub)
 
     def _auxk_loss(self, x, x_hat, e_hat, dead_mask, all_reduce):
         """Per block |e - e_hat|^2 / |e - mean(e)|^2 (sae.SAE._auxk_loss); 0 where nothing is dead."""
