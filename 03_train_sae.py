@@ -127,8 +127,8 @@ def _schedule_args(p):
                    help="Adam lr (default 6e-4 * sqrt(16384 / d_sae) * sqrt(batch / 4096): 3x the lr scaling of "
                         "Gao et al. 2024 / sparsify, square-root scaled with the batch; bench/sweep_sae_recipe.py)")
     p.add_argument("--lr-scale", type=float, default=1.0,
-                   help="multiplies the default lr (not --lr): run_all.sh's sweep trains at 2x, half the rows, "
-                        "to the same answer-feature recovery (bench/sweep_lr_rows_cpu.txt)")
+                   help="multiplies the default lr (not --lr): run_all.sh's sweep trains at 3x for at most 1M rows, "
+                        "a screen at a quarter of the study's length (bench/sweep_lr_rows_cpu.txt)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch, split over processes (default: 4096, or for a small data set the largest "
                         "power of two <= train rows / 8, so that a pass holds at least 8 steps)")

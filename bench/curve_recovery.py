@@ -1,5 +1,5 @@
 """Answer-feature recovery of 03's SAEs against training steps at 03's default lr: what the sweep's
-row cap must leave room for (run_all.sh: 2M rows at twice the lr, bench/sweep_lr_rows.py).
+row cap must leave room for (run_all.sh: 1M rows at three times the lr, bench/sweep_lr_rows.py).
 
     .venv/bin/python bench/curve_recovery.py                                  # TopK k 2 / 512, 5 seeds
     .venv/bin/python bench/curve_recovery.py --arch topk --k 3 --d-sae 384 --steps 6000 --every 1000

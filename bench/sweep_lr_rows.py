@@ -1,15 +1,16 @@
-"""The sweep's length and learning rate: run_all.sh's TopK sweep trains at twice 03's default lr for
-at most 2M rows. This script shows what that trades, on the seed-42 model's resid_post: per (width,
-recipe), one 03 pass over k 2 and 3 x seeds 1 and 2 (as the sweep trains a width), then each SAE's
-answer features recovered at cos > 0.9, held-out EV, dead share (all p^2 rows), steps, and the
-pass's wall seconds (one torch thread, --jobs passes side by side).
+"""The sweep's length and learning rate: run_all.sh's TopK sweep trains at three times 03's default
+lr for at most 1M rows ("1M x3" below; twice the lr for 2M rows from 48df3ce to 1d26ef4). This
+script shows what that trades, on the seed-42 model's resid_post: per (width, recipe), one 03
+pass over k 2 and 3 x seeds 1 and 2 (as the sweep trains a width), then each SAE's answer
+features recovered at cos > 0.9, held-out EV, dead share (all p^2 rows), steps, and the pass's
+wall seconds (one torch thread, --jobs passes side by side).
 
     .venv/bin/python bench/sweep_lr_rows.py                       # widths 1024 256, ~15 min on 2 cores
     .venv/bin/python bench/sweep_lr_rows.py --widths 512 --ks 2 3 4
 
 Recipes: "4M" = 03's default lr, at most 4M rows (the sweep before); "2M" = the default lr, at most
-2M rows; "2M x2" = twice the default lr (--lr-scale 2), at most 2M rows (the sweep now); "1M x2",
-"1M x3": half those rows at twice / three times the default lr (--recipes picks which to run).
+2M rows; "2M x2" = twice the default lr (--lr-scale 2), at most 2M rows; "1M x2", "1M x3": half
+those rows at twice / three times the default lr ("1M x3": the sweep now). --recipes picks which to run.
 """
 from __future__ import annotations
 
