@@ -55,6 +55,7 @@ k * batch within each process's slice, as SAELens does.)
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -129,9 +130,10 @@ def _schedule_args(p):
     p.add_argument("--lr-scale", type=float, default=1.0,
                    help="multiplies the default lr (not --lr): run_all.sh's sweep trains at 3x for at most 1M rows, "
                         "a screen at a quarter of the study's length (bench/sweep_lr_rows_cpu.txt)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=batch_size_arg, default=None,
                    help="global batch, split over processes (default: 4096, or for a small data set the largest "
-                        "power of two <= train rows / 8, so that a pass holds at least 8 steps)")
+                        "power of two <= train rows / 8, so that a pass holds at least 8 steps); 'max': the largest "
+                        "power of two <= train rows, near full-batch (run_all.sh's study: bench/curve_recovery_batch_cpu.txt)")
     p.add_argument("--tokens", type=int, default=None,
                    help="train for exactly this many rows (warmup and final decay as fractions of it); default: "
                         "until the held-out loss plateaus (see --max-tokens, --plateau-window)")
@@ -218,7 +220,7 @@ def check_args(args):
     check(args.lr is None or (args.lr > 0 and math.isfinite(args.lr)), f"--lr must be > 0 (got {args.lr})")
     check(args.lr_scale > 0 and math.isfinite(args.lr_scale), f"--lr-scale must be > 0 (got {args.lr_scale})")
     check(args.lr is None or args.lr_scale == 1, "--lr-scale scales the default lr: give --lr or --lr-scale, not both")
-    check(args.batch_size is None or args.batch_size > 0, f"--batch-size must be > 0 (got {args.batch_size})")
+    check(args.batch_size in (None, "max") or args.batch_size > 0, f"--batch-size must be > 0 (got {args.batch_size})")
     check(all(k > 0 for k in args.k), f"--k must be > 0 (got {' '.join(map(str, args.k))})")
     check(args.expansion > 0, f"--expansion must be > 0 (got {args.expansion})")
     check(args.d_sae is None or all(d > 0 for d in args.d_sae),
@@ -594,6 +596,23 @@ def default_batch(n_train: int) -> int:
     return b
 
 
+def max_batch(n_train: int) -> int:
+    """--batch-size max: the largest power of two <= n_train, near full-batch gradient descent. On
+    the small modular-addition data it lets TopK find answer features the noisier default batch
+    leaves merged into a neighbour's latent (bench/curve_recovery_batch_cpu.txt)."""
+    return 1 << (n_train.bit_length() - 1)
+
+
+def batch_size_arg(s: str) -> int | str:
+    """--batch-size: a number of rows, or 'max'."""
+    if s == "max":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of rows or 'max', got {s!r}") from None
+
+
 def default_lr(d_sae: int, batch_size: int) -> float:
     """6e-4 * sqrt(16384 / d_sae) * sqrt(batch / 4096): the lr scaling of Gao et al. 2024 (sparsify,
     dictionary_learning: 2e-4 at 16k latents) times 3, square-root scaled with the batch;
@@ -787,7 +806,7 @@ def prepare(args, dist: Dist, dev: torch.device) -> Shared:
     acts, x_train, x_held = load_data(args)
     runs = plan_runs(args, acts.d_in)
     n_train = acts.n_train
-    args.batch_size = args.batch_size or default_batch(n_train)
+    args.batch_size = max_batch(n_train) if args.batch_size == "max" else args.batch_size or default_batch(n_train)
     check(args.batch_size <= n_train, f"--batch-size {args.batch_size} exceeds the {n_train} SAE-train rows of {acts.path}")
     check(args.batch_size % dist.world_size == 0,
           f"--batch-size {args.batch_size} is not divisible by the {dist.world_size} processes")

@@ -19,6 +19,7 @@
 #   SWEEP        1: TopK sweep at resid_post first; 0: skip it (default 1)
 #   SWEEP_K, SWEEP_D, SWEEP_SEEDS   the sweep grid (default k "1 2 3 4 8 16 32", width "128 256 512 1024", seeds "1 2")
 #   STUDY_POST, STUDY_MID  "k d_sae" at resid_post (the sweep replaces it) and resid_mid (default "2 256", "2 256")
+#   STUDY_TOPK_ARGS  03 flags of the study's topk and topk-data SAEs (default "--batch-size max --eval-every 25")
 #   TARGETS      what the SAEs read: modadd, smollm2, gpt2 (default "modadd")
 #   MODEL_SEEDS  modular-addition model seeds           (default "42")
 #   JOBS         processes side by side, each with cores/JOBS torch threads (default 2)
@@ -59,6 +60,14 @@ SWEEP_SEEDS=${SWEEP_SEEDS:-"1 2"}
 # width 256 that recovers the answer features 2M rows at twice the lr did, at width 1024 k 2 too, and
 # 10 points fewer at width 1024 k 3 (bench/sweep_lr_rows.py); the study keeps 03's defaults.
 SWEEP_ARGS=${SWEEP_ARGS:-"--max-tokens 1000000 --lr-scale 3"}
+# The study's TopK SAEs (topk, topk-data) train near full-batch (03 --batch-size max: 8,192 of the
+# 11,492 rows) with a held-out evaluation every 25 steps, so the plateau rule's window stays ~2M rows:
+# at k 2 / 256 every seed then recovers 96.5% of the answer features, against 81% at 03's default
+# batch, in the same time (bench/curve_recovery_batch_cpu.txt). BatchTopK gains nothing from it
+# (lowest seed 72%, every seed 35%, against 69% and 39%), and ReLU and JumpReLU, which recover every
+# answer feature at 03's defaults, fare worse at it (two runs stopped unfinished: ReLU at held-out EV
+# 0.72 after 8M rows, JumpReLU with 59% of its latents dead after 4.5M): they keep 03's defaults.
+STUDY_TOPK_ARGS=${STUDY_TOPK_ARGS-"--batch-size max --eval-every 25"}
 # The study's configuration without a sweep: what CHOOSE_RULE picks on the default model (seed 42).
 STUDY_POST=${STUDY_POST:-"2 256"}
 STUDY_MID=${STUDY_MID:-"2 256"}
@@ -175,7 +184,8 @@ study() {      # args: acts run sae_root results_root k [d_sae]
     for arch in "${order[@]}"; do                          # "topk-data": --arch topk --init data
         log "03 $arch k $k d_sae ${d:-default} seeds $SEEDS"
         local init=(); [[ "$arch" == *-* ]] && init=(--init "${arch#*-}")
-        job train_saes "$acts" "$root/$arch" "${arch%%-*}" "$SEEDS" --k "$k" ${d:+--d-sae "$d"} "${init[@]}"
+        local extra=(); [[ "${arch%%-*}" == topk ]] && read -ra extra <<< "$STUDY_TOPK_ARGS"
+        job train_saes "$acts" "$root/$arch" "${arch%%-*}" "$SEEDS" --k "$k" ${d:+--d-sae "$d"} "${init[@]}" "${extra[@]}"
     done
     drain
     log "04/05 study"
@@ -225,7 +235,7 @@ for target in $TARGETS; do
                 for site in $SITES; do
                     cfg=$STUDY_MID; [[ "$site" == resid_post ]] && cfg=$post
                     read -r k d <<< "$cfg"
-                    notes+=("model seed $ms, $site: the study trains k $k / $d latents")
+                    notes+=("model seed $ms, $site: the study trains k $k / $d latents${STUDY_TOPK_ARGS:+ (TopK with 03 $STUDY_TOPK_ARGS)}")
                     study "$run/acts/$site.safetensors" "$run" "$run/sae/$site/k${k}_d$d" "$res/$site" "$k" "$d"
                 done
             done
@@ -243,7 +253,7 @@ for target in $TARGETS; do
                 "$PY" 02_extract_activations.py --model "$lm_model" --layer "$lm_layer" --site resid_post \
                     --text data/corpus --tokens "$LM_TOKENS" --out "$acts" --quiet "${resume[@]}"
             fi
-            SEEDS=$LM_SEEDS ARCHS=$LM_ARCHS EVAL_ARGS=$LM_EVAL_ARGS SAE_ARGS=$LM_SAE_ARGS JOBS=1 THREADS=$(nproc) \
+            SEEDS=$LM_SEEDS ARCHS=$LM_ARCHS EVAL_ARGS=$LM_EVAL_ARGS SAE_ARGS=$LM_SAE_ARGS STUDY_TOPK_ARGS="" JOBS=1 THREADS=$(nproc) \
                 study "$acts" "" "$RUNS/$target/sae/L${lm_layer}_resid_post" "$RESULTS/$target/L${lm_layer}_resid_post" \
                 "$LM_K"
             ;;

@@ -25,7 +25,7 @@ def test_quick_run_all_end_to_end(tmp_path):
     """QUICK=1 bash run_all.sh from empty directories: model, activations + ground truth, a TopK
     sweep (2 widths x 2 k x 2 seeds in one 03 pass and one 04 call per width; its seed agreement
     from the evals, no 05), the configuration the rule picks, the study (topk, relu and topk with
-    --init data, x 2 seeds),
+    --init data, x 2 seeds; the TopK SAEs near full-batch),
     evaluations, overlaps, REPORT.md; a second call redoes nothing."""
     env = {**os.environ, "QUICK": "1", "RUNS": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "res")}
     res = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
@@ -39,6 +39,9 @@ def test_quick_run_all_end_to_end(tmp_path):
     assert len(evals) == 8 + 6                                  # sweep 2 x 2 x 2, study 3 archs x 2 seeds
     assert len(sorted((tmp_path / "res").rglob("overlap.json"))) == 3       # the study's archs
     assert "| topk-data |" in md
+    for arch, full_batch in (("topk", True), ("topk-data", True), ("relu", False)):     # STUDY_TOPK_ARGS
+        s = json.loads(next((tmp_path / "runs").rglob(f"{arch}/seed42/summary.json")).read_text())
+        assert (s["config"]["batch_size"] == 1 << (s["n_train"].bit_length() - 1)) == full_batch, (arch, s["config"])
     study = json.loads(next(p for p in evals if "sweep" not in p.parts).read_text())
     assert study["ground_truth"]["features"] and study["downstream"]["heldout"]["rows"] > 0
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.name in ("summary.json", "eval.json",

@@ -251,6 +251,15 @@ def test_lr_scale_multiplies_the_default_lr(k2, tmp_path):
     assert lr_a == pytest.approx(6e-4 * (16384 / 64) ** 0.5 * (2048 / 4096) ** 0.5) and lr_b == pytest.approx(2.5 * lr_a)
 
 
+def test_batch_size_max_is_the_largest_power_of_two_in_the_train_rows(k2, tmp_path):
+    acts, _ = k2                                            # 18,000 SAE-train rows -> 16,384
+    run("--acts", acts, "--out", tmp_path, "--arch", "topk", "--k", "2", "--d-sae", "64", "--tokens", 2 * 16384,
+        "--batch-size", "max", "--quiet")
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["config"]["batch_size"] == 16384 and s["steps"] == 2
+    assert s["lr"] == pytest.approx(6e-4 * (16384 / 64) ** 0.5 * (16384 / 4096) ** 0.5)
+
+
 # ----------------------------------------------------------------------------
 # determinism, resume, multi-process
 
@@ -393,6 +402,7 @@ BAD = {   # name: (which --acts, extra flags, expected text)
     "mismatched d_in": ("mismatched d_in", [], "mismatched d_in: activations.json says d_in=32"),
     "k > d_sae": ("good", ["--k", "600"], "--k 600 exceeds the number of latents d_sae=512"),
     "batch > rows": ("good", ["--batch-size", "100000"], "--batch-size 100000 exceeds"),
+    "batch not a number": ("good", ["--batch-size", "all"], "expected a number of rows or 'max', got 'all'"),
     "lr zero": ("good", ["--lr", "0"], "--lr must be > 0"),
     "lr scale zero": ("good", ["--lr-scale", "0"], "--lr-scale must be > 0 (got 0.0)"),
     "lr and lr scale": ("good", ["--lr", "1e-3", "--lr-scale", "2"], "give --lr or --lr-scale, not both"),
