@@ -63,7 +63,8 @@ SWEEP_ARGS=${SWEEP_ARGS:-"--max-tokens 1000000 --lr-scale 3"}
 # The study's TopK SAEs (topk, topk-data) train near full-batch (03 --batch-size max: 8,192 of the
 # 11,492 rows) with a held-out evaluation every 25 steps, so the plateau rule's window stays ~2M rows:
 # at k 2 / 256 every seed then recovers 96.5% of the answer features, against 81% at 03's default
-# batch, in the same time (bench/curve_recovery_batch_cpu.txt). BatchTopK gains nothing from it
+# batch (bench/curve_recovery_batch_cpu.txt), for about 1.6x the pass's time (README "Timing",
+# 708d7c7: measured against the unchanged passes of the same run). BatchTopK gains nothing from it
 # (lowest seed 72%, every seed 35%, against 69% and 39%), and ReLU and JumpReLU, which recover every
 # answer feature at 03's defaults, fare worse at it (two runs stopped unfinished: ReLU at held-out EV
 # 0.72 after 8M rows, JumpReLU with 59% of its latents dead after 4.5M): they keep 03's defaults.
