@@ -590,17 +590,19 @@ def default_batch(n_train: int) -> int:
     """4096 rows (sparsify's and SAELens's usual batch), or, for a data set too small for that,
     the largest power of two <= n_train / 8: on 11,492 modular-addition rows 1024, so a pass is
     eleven steps, not three (what revives dead latents is the number of steps)."""
-    b = 4096
-    while b > 1 and b > n_train / 8:
-        b //= 2
-    return b
+    return min(4096, pow2_at_most(n_train // 8))
 
 
 def max_batch(n_train: int) -> int:
     """--batch-size max: the largest power of two <= n_train, near full-batch gradient descent. On
     the small modular-addition data it lets TopK find answer features the noisier default batch
     leaves merged into a neighbour's latent (bench/curve_recovery_batch_cpu.txt)."""
-    return 1 << (n_train.bit_length() - 1)
+    return pow2_at_most(n_train)
+
+
+def pow2_at_most(n: int) -> int:
+    """The largest power of two <= n (1 for n < 2)."""
+    return 1 << max(0, n.bit_length() - 1)
 
 
 def batch_size_arg(s: str) -> int | str:

@@ -51,7 +51,7 @@ fi
 SEEDS=${SEEDS:-"42 123 456 789 1011"}
 # The four architectures of the issue; the --init data variants are opt-in since the TopK study SAEs
 # train near full-batch (STUDY_TOPK_ARGS below), where tied TopK meets the goal on its own and the
-# ~4 minutes they cost keep run_all.sh from its 20-minute budget (README "Timing").
+# ~4 minutes they cost would take run_all.sh past its 20-minute budget (README "Timing").
 ARCHS=${ARCHS:-"topk batchtopk relu jumprelu"}
 SITES=${SITES:-"resid_post"}
 SWEEP=${SWEEP:-1}
