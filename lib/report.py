@@ -339,26 +339,71 @@ def sweep_section(es: list, overlaps: list, site: str, base: Path, figdir: Path)
              "'guide' marks the seed guide's k 32 / 1024 latents. The sweep is a screen: its SAEs train for a "
              "budget (their 03 flags are in the notes above), and a cell whose SAEs reached the --max-tokens cap "
              "before their plateau reads low (README, \"Timing\").", ""]
+    lines += sweep_table(rows, f, ks, ws)
     guide = rows.get(("topk", 32, 1024))
     if guide is not None:
         lines += [f"At the seed guide's k 32 / 1024 latents: {pct(mean(guide['features'].get(f, {}).get('each', [])))} "
                   f"of the {f} features per seed, {pct(guide['features'].get(f, {}).get('every'))} by both seeds.", ""]
+    if f == "answer":
+        lines += choice_lines(rows)
     return lines
+
+
+def sweep_table(rows: dict, f: str, ks: list, ws: list) -> list[str]:
+    """The heatmaps' numbers as text, with each cell's worst-seed dead share (what CHOOSE_RULE reads)."""
+    lines = [f"The same cells: {f} features recovered per seed (mean) / by every seed, and the most latents dead on "
+             "any seed (all rows):", "", "| k | " + " | ".join(f"{w} latents" for w in ws) + " |",
+             "|---|" + "---|" * len(ws)]
+    for k in ks:
+        cells = []
+        for w in ws:
+            r = rows.get(("topk", k, w))
+            if r is None:
+                cells.append("")
+                continue
+            x = r["features"].get(f, {})
+            dead = max((v for v in r["dead"] if v == v), default=float("nan"))
+            cells.append(f"{pct(mean(x.get('each', [])))} / {pct(x.get('every'))} ({pct(dead)} dead)")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def choice_lines(rows: dict) -> list[str]:
+    """The study configuration CHOOSE_RULE picks from these cells, and the better-recovering cells it passes over."""
+    k, d, every = choose_rows(rows)
+    over = [f"k {ck} / {cd} ({pct(e)} by every seed, {pct(dead)} dead)"
+            for (_, ck, cd), (e, dead) in sorted(((c, cell_score(r)) for c, r in rows.items()), key=lambda t: (t[0][2], t[0][1]))
+            if e > every and dead > CHOOSE_MAX_DEAD]
+    text = (f"The study's configuration by the rule (lib/report.py CHOOSE_RULE: {CHOOSE_RULE}): "
+            f"k {k} / {d} latents, {pct(every)} of the answer features by every seed.")
+    if over:
+        text += " Cells that recover more but leave more than 10% of their latents dead: " + "; ".join(over) + "."
+    return [text, ""]
 
 
 def choose(evals: list, overlaps: list) -> tuple[int, int, float]:
     """CHOOSE_RULE over the sweep's TopK cells: (k, d_sae, answer features recovered by every seed)."""
     es = [e for e in evals if arch_label(e["sae"]) == "topk"]
     check(bool(es), "no TopK sweep results to choose from")
-    _, rows = answer_rows(es, overlaps)
+    return choose_rows(answer_rows(es, overlaps)[1])
+
+
+def cell_score(r: dict) -> tuple[float, float]:
+    """What CHOOSE_RULE reads of a cell: answer features recovered by every seed (a lone seed: its own) and
+    the worst seed's dead share."""
+    x = r["features"].get("answer", {})
+    every = x.get("every", float("nan"))
+    if every != every:                                  # one seed only: its own recovery
+        every = min(x.get("each", [0.0]) or [0.0])
+    return every, max((v for v in r["dead"] if v == v), default=0.0)
+
+
+def choose_rows(rows: dict) -> tuple[int, int, float]:
+    """CHOOSE_RULE over answer_rows' cells (one architecture's): (k, d_sae, recovered by every seed)."""
     scored = []
     for (arch, k, d_sae), r in rows.items():
-        x = r["features"].get("answer", {})
-        every = x.get("every", float("nan"))
-        if every != every:                                  # one seed only: its own recovery
-            every = min(x.get("each", [0.0]) or [0.0])
-        n = x.get("n_features") or 113
-        dead = max((v for v in r["dead"] if v == v), default=0.0)           # the worst seed's
+        every, dead = cell_score(r)
+        n = r["features"].get("answer", {}).get("n_features") or 113
         scored.append((dead <= CHOOSE_MAX_DEAD, round(every * n), -d_sae, -k, every, k, d_sae))
     allowed = [c for c in scored if c[0]] or scored
     best = max(c[1:] for c in allowed)

@@ -87,7 +87,7 @@ def test_choose_rule_prefers_the_most_recovery_among_mostly_live_dictionaries():
     """CHOOSE_RULE: most answer features by every seed among cells with <= 10% dead latents;
     a wider cell that recovers two more features with 84% of its latents dead is passed over,
     unless every cell is mostly dead."""
-    from lib.report import choose
+    from lib.report import answer_rows, choice_lines, choose
 
     def cell(k, d_sae, answer, dead):
         out = []
@@ -100,6 +100,9 @@ def test_choose_rule_prefers_the_most_recovery_among_mostly_live_dictionaries():
 
     evals = cell(2, 256, 107 / 113, 0.0) + cell(2, 1024, 109 / 113, 0.84) + cell(3, 256, 0.8, 0.0) + cell(2, 512, 107 / 113, 0.05)
     assert choose(evals, [])[:2] == (2, 256)                    # 512 ties with 256: fewer latents win
+    line = choice_lines(answer_rows(evals, [])[1])[0]           # what REPORT.md says of the choice
+    assert line.endswith("k 2 / 256 latents, 95% of the answer features by every seed. Cells that recover more "
+                         "but leave more than 10% of their latents dead: k 2 / 1024 (96% by every seed, 84% dead).")
     for e in evals:
         e["sparsity"]["dead_fraction_all_rows"] = 0.5
     assert choose(evals, [])[:2] == (2, 1024)                   # none is mostly live: all cells compete
@@ -138,8 +141,11 @@ def test_report_leads_with_the_answer_and_states_each_goal(tmp_path):
                                                                        kl_empty=0.5 + (s == 123) * 0.2))
         write(site / "eval" / f"topk-data_seed{s}" / "eval.json", fake_eval("topk", s, 0.96, 3.0, 1.0, init="data"))
         for k in (2, 32):
-            write(site / "sweep" / f"k{k}" / "eval" / f"topk_seed{s}" / "eval.json",
-                  fake_eval("topk", s, 0.9, k, 0.9 if k == 2 else 0.0, sweep_k=k))
+            e = fake_eval("topk", s, 0.9, k, 0.9 if k == 2 else 0.0, sweep_k=k)
+            best = [0.95] * 102 + [0.5] * 11 if k == 2 else [0.5] * 113      # seed 123: the first 11 missed
+            e["ground_truth"].update(recovery_cos=0.9)
+            e["ground_truth"]["sae"]["answer"]["best_cos"] = best if s == 42 else best[::-1]
+            write(site / "sweep" / f"k{k}" / "eval" / f"topk_seed{s}" / "eval.json", e)
     write(site / "overlap" / "topk" / "overlap.json", fake_overlap("topk", (42, 123), 0.93))
     write(site / "overlap" / "relu" / "overlap.json", fake_overlap("relu", (42, 123), 0.3))
     write(site / "overlap" / "topk-data" / "overlap.json", fake_overlap("topk", (42, 123), 0.99, init="data"))
@@ -175,6 +181,11 @@ def test_report_leads_with_the_answer_and_states_each_goal(tmp_path):
     assert "topk leaves" not in md and "| 0.50 ± 0.00 |" in md
     assert (res / "figures" / "sweep_resid_post.png").is_file() and "sweep_resid_post.png" in md
     assert "At the seed guide's k 32 / 1024 latents" not in md       # no such cell in this sweep
+    # the heatmaps' numbers as a table, and the configuration the rule picks from them, with the rule
+    assert "| k | 256 latents |\n|---|---|\n| 2 | 90% / 81% (1% dead) |\n| 32 | 0% / 0% (1% dead) |" in md
+    assert "The study's configuration by the rule (lib/report.py CHOOSE_RULE: among the sweep cells whose TopK " \
+           "SAEs leave at most 10% of their latents dead" in md
+    assert "): k 2 / 256 latents, 81% of the answer features by every seed." in md
     # the LM section: model, layer, site, tokens; CE clean / with SAE / zero, loss recovered, KL
     assert "## Language model: smollm2, layer 15, resid_post" in md and "1000000 token rows" in md
     assert "| topk | 32 / 4608 | 2 | 0.800 ± 0.000 | 32.0 ± 0.0 | 10.0 ± 0.0 | 3.100 ± 0.000 | 3.400 ± 0.000 | " \
