@@ -26,7 +26,7 @@
 #   NPROC        processes per SAE run; > 1 uses torchrun (default 1)
 #   RUNS, RESULTS  where runs (git-ignored) and results go (default runs, results)
 # Every step is skipped when its final output exists (01 model.safetensors, 02 the activations
-# file, 03 summary.json, 04 eval.json, 05 overlap.json for the same SAE list), so a killed run
+# file, 03 summary.json, 04 eval.json of the same SAE, 05 overlap.json for the same SAE list), so a killed run
 # resumes where it stopped; an SAE pass with checkpoints continues (03 --resume).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -138,9 +138,12 @@ train_saes() {
 
 # 04 and 05 take THREADS torch threads, as 03 does: JOBS processes of torch's default (every core)
 # side by side oversubscribe the cores (two sweep 04 calls at once: 69 s against 42 s on one each).
+# An eval.json counts as done only if it records this SAE's path: the study's eval files are named by
+# architecture and seed, so after the configuration changes (a SWEEP=0 run, then the sweep's pick; another
+# STUDY_POST) the old file would otherwise stand in for the new SAE, as overlap() guards with saes.txt.
 evaluate() {   # args: acts "04 flags" sae1 eval1 [sae2 eval2 ...]: one 04 call for the SAEs not yet evaluated
     local acts=$1 flags=$2 saes=() outs=(); shift 2
-    while (( $# )); do [[ -f "$2" ]] || { saes+=("$1"); outs+=("$2"); }; shift 2; done
+    while (( $# )); do grep -qsF "\"path\": \"$1\"" "$2" || { saes+=("$1"); outs+=("$2"); }; shift 2; done
     (( ${#saes[@]} )) || return 0
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=$THREADS "$PY" 04_evaluate.py --sae "${saes[@]}" --acts "$acts" --out "${outs[@]}" --quiet $flags $EVAL_ARGS

@@ -49,6 +49,15 @@ def test_quick_run_all_end_to_end(tmp_path):
     again = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())      # nothing was redone
+    # Another study configuration in the same directories: TopK's eval files (named by arch and seed) are
+    # redone for the new SAEs, not kept from the old ones; ReLU's, whose SAEs did not change, are kept.
+    env2 = {**env, "SWEEP": "0", "STUDY_POST": "2 48", "ARCHS": "topk"}
+    third = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env2, timeout=600)
+    assert third.returncode == 0, third.stderr[-2000:]
+    topk_eval, relu_eval = (next((tmp_path / "res").rglob(f"eval/{a}_seed42/eval.json")) for a in ("topk", "relu"))
+    assert "/k2_d48/topk/" in json.loads(topk_eval.read_text())["sae"]["path"]
+    assert relu_eval.stat().st_mtime_ns == stamps[relu_eval]
+    assert "| topk | 2 / 48 | 2 |" in (tmp_path / "res" / "REPORT.md").read_text()
 
 
 def fake_eval(arch, seed, ev, l0, answer, chance=0.0, sweep_k=None, init="tied", empty=0.0, kl_empty=float("nan")):
