@@ -50,6 +50,7 @@ def main():
             fired = (sae.encode(x) > 0).any(0)
         cos = {n: M.cosine_matrix(f, sae.W_dec.detach()) for n, f in feats.items()}    # [n_features, d_sae]
         own = cos[a.feature]
+        among = M.cosine_matrix(feats[a.feature], feats[a.feature])          # the features' cosines with each other
         best = own.max(1)
         missed = (best.values <= G.RECOVERY_COS).nonzero().flatten().tolist()
         match = {n: c.max(0).values > G.RECOVERY_COS for n, c in cos.items()}
@@ -64,8 +65,9 @@ def main():
             j = int(best.indices[f])
             serves = int(own[:, j].argmax())
             kinds["impure" if serves == f else "taken" if own[serves, j] > G.RECOVERY_COS else "neither"] += 1
+            pair = "" if serves == f else f"; the two features' cos {float(among[f, serves]):.3f}"
             print(f"   {a.feature} {f}: best latent {j} (cos {float(best.values[f]):.3f}) serves {a.feature} {serves} "
-                  f"(cos {float(own[serves, j]):.3f})")
+                  f"(cos {float(own[serves, j]):.3f}{pair})")
         if missed:
             print(f"   of the missed: {kinds['taken']} taken by a latent of another {a.feature} value (cos > "
                   f"{G.RECOVERY_COS} with it), {kinds['impure']} with a latent of their own below {G.RECOVERY_COS}, "
