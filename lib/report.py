@@ -26,6 +26,9 @@ CHOOSE_RULE = ("among the sweep cells whose TopK SAEs leave at most 10% of their
                "(all cells if none do), the one that recovers the most answer features with every seed (ties: "
                "fewer latents, then smaller k)")
 CHOOSE_MAX_DEAD = 0.10      # the goal of "Every architecture trained right": a mostly dead dictionary is not a study
+ONE_MODEL_NOTE = ("These figures come from one modular-addition model. A model of another seed can answer differently "
+                  "(README, \"A second model\": on seed 123 TopK misses the goal that it meets on seed 42); "
+                  "`MODEL_SEEDS=\"42 123\" bash run_all.sh` studies both.")
 FIRING_NOTE = ("Recovered by firing: the share of a table's values on whose rows some latent fires at F1 > 0.9, "
                "read off the code. Unlike the decoder cosine of the headline it does not move when every latent "
                "shares a direction with b_dec, which an exact-k code cannot see (README, \"Which basis\").")
@@ -509,6 +512,8 @@ def main(argv=None):
 
     if modadd_groups:
         md += ["## The answer: does an SAE recover the model's own features, and do seeds agree?", ""]
+        if len({Path(acts).parent.parent for _, acts in modadd_groups}) == 1:
+            md += [ONE_MODEL_NOTE, ""]
     detail = []
     for (target, acts), es in sorted(modadd_groups.items(), key=lambda kv: kv[0][1]):
         site = site_name(es[0])

@@ -200,3 +200,10 @@ def test_report_leads_with_the_answer_and_states_each_goal(tmp_path):
     assert "| topk | 32 / 4608 | 2 | 0.800 ± 0.000 | 32.0 ± 0.0 | 10.0 ± 0.0 | 3.100 ± 0.000 | 3.400 ± 0.000 | " \
            "9.000 ± 0.000 | 0.950 ± 0.000 |" in md
     assert "runs/quick" not in md and "1.5 min" in md
+    assert "These figures come from one modular-addition model." in md          # every modadd eval: one model
+    other = {**fake_eval("topk", 42, 0.95, 3.0, 0.97), "acts": "runs/modadd/seed123/acts/resid_post.safetensors"}
+    write(res / "modadd" / "seed123" / "resid_post" / "eval" / "topk_seed42" / "eval.json", other)
+    out = subprocess.run([sys.executable, "-m", "lib.report", "--results", str(res), "--exclude", str(res / "quick")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "These figures come from one" not in (res / "REPORT.md").read_text()    # two models: no such note
