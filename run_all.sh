@@ -2,11 +2,11 @@
 # The default study, end to end: 01 (train the model) -> 02 (activations and their ground truth)
 # -> a TopK sweep over k and width at resid_post (03 trains a whole width's grid in one pass;
 # 04 and 05 score it against the model's own features) -> the study configuration, chosen from
-# the sweep by lib.report's CHOOSE_RULE -> the four architectures (and TopK, BatchTopK from
+# the sweep by lib.report's CHOOSE_RULE -> the four architectures (and, in ARCHS, TopK and BatchTopK from
 # --init data) x the SAE seeds at each site (03 trains an architecture's seeds in one pass)
 # -> 04 per SAE -> 05 per architecture -> results/REPORT.md, which leads with the answer.
 #
-#   bash run_all.sh                 # modadd model seed 42; sweep; 4 archs + 2 variants x 5 seeds at resid_post
+#   bash run_all.sh                 # modadd model seed 42; sweep; 4 archs x 5 seeds at resid_post
 #   SWEEP=0 bash run_all.sh         # no sweep: the study at STUDY_POST (the configuration the rule picks)
 #   QUICK=1 bash run_all.sh         # smoke run (small model, small sweep, 2 seeds x 3 archs): results/quick/
 #
