@@ -365,8 +365,7 @@ def sweep_table(rows: dict, f: str, ks: list, ws: list) -> list[str]:
                 cells.append("")
                 continue
             x = r["features"].get(f, {})
-            dead = max((v for v in r["dead"] if v == v), default=float("nan"))
-            cells.append(f"{pct(mean(x.get('each', [])))} / {pct(x.get('every'))} ({pct(dead)} dead)")
+            cells.append(f"{pct(mean(x.get('each', [])))} / {pct(x.get('every'))} ({pct(worst_dead(r))} dead)")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -380,7 +379,8 @@ def choice_lines(rows: dict) -> list[str]:
     text = (f"The study's configuration by the rule (lib/report.py CHOOSE_RULE: {CHOOSE_RULE}): "
             f"k {k} / {d} latents, {pct(every)} of the answer features by every seed.")
     if over:
-        text += " Cells that recover more but leave more than 10% of their latents dead: " + "; ".join(over) + "."
+        text += (f" Cells that recover more but leave more than {pct(CHOOSE_MAX_DEAD)} of their latents dead: "
+                 + "; ".join(over) + ".")
     return [text, ""]
 
 
@@ -398,7 +398,13 @@ def cell_score(r: dict) -> tuple[float, float]:
     every = x.get("every", float("nan"))
     if every != every:                                  # one seed only: its own recovery
         every = min(x.get("each", [0.0]) or [0.0])
-    return every, max((v for v in r["dead"] if v == v), default=0.0)
+    dead = worst_dead(r)
+    return every, 0.0 if dead != dead else dead
+
+
+def worst_dead(r: dict) -> float:
+    """A cell's dead share on its worst seed (all rows); nan when no eval recorded one."""
+    return max((v for v in r["dead"] if v == v), default=float("nan"))
 
 
 def choose_rows(rows: dict) -> tuple[int, int, float]:
