@@ -9,7 +9,9 @@ missed / features, latents matching an answer feature (cos > 0.9), an operand fe
 (live), dead (never in the code on any row), then one line per missed feature, and how the
 missed divide: taken (their best latent is another value's, at cos > 0.9 with it: two values
 share a latent), impure (their best latent is their own, mixed with other directions below 0.9),
-neither.
+neither. Each missed line also says on which rows its best latent fires: the share of its own
+value's rows, and the values on half or more of whose rows it fires (a "multi-value" latent
+when there are several).
 """
 from __future__ import annotations
 
@@ -47,7 +49,11 @@ def main():
         sae = SAE.load(d)
         sae.eval()
         with torch.no_grad():
-            fired = (sae.encode(x) > 0).any(0)
+            code = sae.encode(x)
+        fired = (code > 0).any(0)
+        values = G.feature_values(gt, a.feature, acts.labels["a"], acts.labels["b"])
+        on, _ = M.value_sums(code, values, gt.p, count=True)                # [p, d_sae] rows fired on, per value
+        on = on / M.value_presence(values, gt.p).sum(0, dtype=torch.float64)[:, None]   # as a share of the value's rows
         cos = {n: M.cosine_matrix(f, sae.W_dec.detach()) for n, f in feats.items()}    # [n_features, d_sae]
         own = cos[a.feature]
         among = M.cosine_matrix(feats[a.feature], feats[a.feature])          # the features' cosines with each other
@@ -58,20 +64,38 @@ def main():
         for m in match.values():
             neither &= ~m
         roles = ", ".join(f"{n} {int(m.sum())}" for n, m in match.items())
+        spread = (on >= 0.5).sum(0)                                             # [d_sae] values each latent covers
         print(f"{d}: missed {len(missed)} / {own.shape[0]} {a.feature} features; latents matching {roles}, "
-              f"neither (live) {int(neither.sum())}, dead {int((~fired).sum())} of {sae.d_sae}")
-        kinds = {"taken": 0, "impure": 0, "neither": 0}
+              f"neither (live) {int(neither.sum())}, dead {int((~fired).sum())} of {sae.d_sae}; latents firing on half "
+              f"or more of the rows of several {a.feature} values {int((spread > 1).sum())} (the broadest {int(spread.max())})"
+              + budget(code, spread > 1))
+        kinds = {"taken": 0, "impure": 0, "neither": 0, "multi-value": 0}
         for f in missed:
             j = int(best.indices[f])
             serves = int(own[:, j].argmax())
             kinds["impure" if serves == f else "taken" if own[serves, j] > G.RECOVERY_COS else "neither"] += 1
             pair = "" if serves == f else f"; the two features' cos {float(among[f, serves]):.3f}"
+            many = (on[:, j] >= 0.5).nonzero().flatten().tolist()        # values on half or more of whose rows j fires
+            kinds["multi-value"] += len(many) > 1
+            shown = ", ".join(map(str, many[:6])) + (f", ... ({len(many)} values)" if len(many) > 6 else "")
             print(f"   {a.feature} {f}: best latent {j} (cos {float(best.values[f]):.3f}) serves {a.feature} {serves} "
-                  f"(cos {float(own[serves, j]):.3f}{pair})")
+                  f"(cos {float(own[serves, j]):.3f}{pair}); fires on {100 * float(on[f, j]):.0f}% of {f}'s rows, "
+                  f"on half or more of those of {shown or 'none'}")
         if missed:
             print(f"   of the missed: {kinds['taken']} taken by a latent of another {a.feature} value (cos > "
                   f"{G.RECOVERY_COS} with it), {kinds['impure']} with a latent of their own below {G.RECOVERY_COS}, "
-                  f"{kinds['neither']} neither")
+                  f"{kinds['neither']} neither; {kinds['multi-value']} of the {len(missed)} best latents fire on half or "
+                  f"more of the rows of several values")
+
+
+def budget(code: torch.Tensor, multi: torch.Tensor) -> str:
+    """Where the code spends its latents: mean L0 on the rows where a multi-value latent fires
+    and on the rest (a TopK code has k on every row; BatchTopK, ReLU and JumpReLU choose)."""
+    if not multi.any():
+        return ""
+    rows, l0 = (code[:, multi] > 0).any(1), (code > 0).sum(1).double()
+    rest = f", {float(l0[~rows].mean()):.2f} elsewhere" if (~rows).any() else ""
+    return f"; on the {100 * float(rows.double().mean()):.0f}% of rows where one fires L0 {float(l0[rows].mean()):.2f}{rest}"
 
 
 if __name__ == "__main__":
