@@ -298,7 +298,9 @@ class Schedule:
         still improving. The others are left out, not a reason to start the count again: the
         held-out L0 of a steered run wanders a few % either side of the 10% edge, and restarting
         the count there made a run's stop step near chance (ReLU at k 2: 9,600-22,080 steps for
-        the same plateau). Then lr
+        the same plateau). Evaluations inside the lr warmup do not count either: a `--init data`
+        start is good before the full lr moves it, and that low bar stopped TopK k 2 / 512 at step
+        500 while its FVU still fell 15% a window (bench/curve_recovery_init_cpu.txt). Then lr
         decays linearly to 0 over decay_frac of the steps done so far and the run stops: the
         decay is what a converged run needs last, not a fixed share of a guessed length. If the
         cap (max steps) comes first, the decay starts in time to end there. `reason` says which,
@@ -330,7 +332,7 @@ class Schedule:
             return
         self.fvu.append(fvu)
         self.dead.append(dead_frac)
-        self.ok.append(bool(l0_ok))
+        self.ok.append(bool(l0_ok) and done >= self.warmup)
         W, fvu_ok = self.window, [f for f, ok in zip(self.fvu, self.ok) if ok]
         if len(fvu_ok) >= 2 * W:
             before, recent = min(fvu_ok[:-W]), min(fvu_ok[-W:])

@@ -196,6 +196,20 @@ def test_schedule_stops_a_converged_run_and_not_a_falling_one():
     for i in range(1, 30):
         reviving.update(100 * i, 0.05, 0.5 - 0.01 * i, True)           # loss flat, dead fraction still falling
     assert reviving.decay_start is None
+    # a low FVU inside the lr warmup (a data-initialised SAE before the full lr moves it away) is
+    # no bar: the run goes on while its FVU falls 3% an evaluation, and stops once it is flat (the
+    # first evaluation whose window improves on the best before it by less than tol = 2%)
+    transient = sched(1e-3, 100_000, 300, 0.2, fixed=False, window=10, tol=0.02)
+    transient.update(100, 0.06, 0.0, True)
+    transient.update(200, 0.09, 0.0, True)
+    fvu = 0.12
+    for i in range(3, 30):
+        fvu *= 0.97
+        transient.update(100 * i, fvu, 0.0, True)
+    assert transient.decay_start is None
+    for i in range(30, 50):
+        transient.update(100 * i, fvu, 0.0, True)
+    assert transient.decay_start == 3900 and "plateau at step 3900" in transient.reason
     steering = sched(1e-3, 100_000, 100, 0.2, fixed=False, window=10, tol=0.02)
     for i in range(1, 30):
         steering.update(100 * i, 0.05, 0.0, False)                     # L0 not yet near k
