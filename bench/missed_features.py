@@ -50,7 +50,8 @@ def main():
         sae.eval()
         with torch.no_grad():
             code = sae.encode(x)
-        fired = (code > 0).any(0)
+        active = code > 0                                                     # [rows, d_sae]
+        fired = active.any(0)
         values = G.feature_values(gt, a.feature, acts.labels["a"], acts.labels["b"])
         on, _ = M.value_sums(code, values, gt.p, count=True)                # [p, d_sae] rows fired on, per value
         on = on / M.value_presence(values, gt.p).sum(0, dtype=torch.float64)[:, None]   # as a share of the value's rows
@@ -64,18 +65,19 @@ def main():
         for m in match.values():
             neither &= ~m
         roles = ", ".join(f"{n} {int(m.sum())}" for n, m in match.items())
-        spread = (on >= 0.5).sum(0)                                             # [d_sae] values each latent covers
+        covers = on >= 0.5                                     # [p, d_sae]: j fires on half or more of v's rows
+        spread = covers.sum(0)                                 # [d_sae] values each latent covers
         print(f"{d}: missed {len(missed)} / {own.shape[0]} {a.feature} features; latents matching {roles}, "
               f"neither (live) {int(neither.sum())}, dead {int((~fired).sum())} of {sae.d_sae}; latents firing on half "
               f"or more of the rows of several {a.feature} values {int((spread > 1).sum())} (the broadest {int(spread.max())})"
-              + budget(code, spread > 1))
+              + budget(active, spread > 1))
         kinds = {"taken": 0, "impure": 0, "neither": 0, "multi-value": 0}
         for f in missed:
             j = int(best.indices[f])
             serves = int(own[:, j].argmax())
             kinds["impure" if serves == f else "taken" if own[serves, j] > G.RECOVERY_COS else "neither"] += 1
             pair = "" if serves == f else f"; the two features' cos {float(among[f, serves]):.3f}"
-            many = (on[:, j] >= 0.5).nonzero().flatten().tolist()        # values on half or more of whose rows j fires
+            many = covers[:, j].nonzero().flatten().tolist()
             kinds["multi-value"] += len(many) > 1
             shown = ", ".join(map(str, many[:6])) + (f", ... ({len(many)} values)" if len(many) > 6 else "")
             print(f"   {a.feature} {f}: best latent {j} (cos {float(best.values[f]):.3f}) serves {a.feature} {serves} "
@@ -88,12 +90,12 @@ def main():
                   f"more of the rows of several values")
 
 
-def budget(code: torch.Tensor, multi: torch.Tensor) -> str:
+def budget(active: torch.Tensor, multi: torch.Tensor) -> str:
     """Where the code spends its latents: mean L0 on the rows where a multi-value latent fires
     and on the rest (a TopK code has k on every row; BatchTopK, ReLU and JumpReLU choose)."""
     if not multi.any():
         return ""
-    rows, l0 = (code[:, multi] > 0).any(1), (code > 0).sum(1).double()
+    rows, l0 = active[:, multi].any(1), active.sum(1).double()
     rest = f", {float(l0[~rows].mean()):.2f} elsewhere" if (~rows).any() else ""
     return f"; on the {100 * float(rows.double().mean()):.0f}% of rows where one fires L0 {float(l0[rows].mean()):.2f}{rest}"
 
