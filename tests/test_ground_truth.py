@@ -293,6 +293,20 @@ def test_threshold_ceiling_by_hand():
     assert heldout_linear_f1(x, noise).item() < 0.45
 
 
+def test_idealised_site_keeps_the_material_tables_and_nothing_else():
+    """bench/idealised_site.py: x' = mu + the feature sets' tables at each row's values."""
+    from bench.idealised_site import idealise
+    x, a, b, T = _planted(separate_operands=True, d_scale=0.1)    # D under 2%: not a feature set
+    gt = G.fit_value_tables(x, a, b, P)
+    want = gt.mu + T["A"][a] + T["B"][b] + T["C"][(a + b) % P]
+    torch.testing.assert_close(idealise(x, gt, a, b).double(), want, atol=1e-3, rtol=0)
+    x, a, b, T = _planted()                                        # merged operands, D material
+    gt = G.fit_value_tables(x, a, b, P)
+    O = 1.5 * T["A"]                                               # (A + B) / 2 with B = 2 A
+    want = gt.mu + O[a] + O[b] + T["C"][(a + b) % P] + T["D"][(a - b) % P]
+    torch.testing.assert_close(idealise(x, gt, a, b).double(), want, atol=1e-3, rtol=0)
+
+
 # ----------------------------------------------------------------------------
 # Fourier planes
 
