@@ -9,14 +9,17 @@ train/held-out split, with every activation replaced by the site's material valu
     x'(a, b) = mu + sum over the feature sets F of T_F[var_F(a, b)]     (resid_mid: mu + O[a] + O[b])
 
 (lib/ground_truth.py: the tables are the per-value means over the full grid, and a feature set is a
-table holding >= 2% of the variance). What the model writes besides them (2.4% of resid_mid's variance on the seed-42
-model, 4.3% of resid_post's: the non-additive rest and the tables under 2%) is left out. So the site's
-ground-truth dictionary reconstructs x' exactly: at resid_mid 113 decoder rows, O[v] / |O[v]|, two
-active per row with coefficients |O[v]|. Trained there with 03's defaults, an SAE's dead share, EV and recovery
-say what the site's structure allows: a latent left dead on x' has no ground-truth feature of its
-own to take, and a gap in EV between architectures there is theirs, not the model's non-additive
-rest's. Beside each file: its sidecar (with "idealised_from" and the share of
-the original's variance x' keeps) and the ground truth refitted on x' (the same feature tables).
+table holding >= 2% of the variance). What the model writes besides them (2.4% of resid_mid's
+variance on the seed-42 model, 4.3% of resid_post's: the non-additive rest and the tables under 2%)
+is left out. So the site's ground-truth dictionary reconstructs x' exactly: at resid_mid 113 decoder
+rows, O[v] / |O[v]|, two active per row with coefficients |O[v]|. Trained there with 03's defaults,
+an SAE's dead share, EV and recovery say what the site's structure allows: a latent left dead on x'
+has no ground-truth feature of its own to take, and a gap in EV between architectures there is
+theirs, not the model's non-additive rest's. `--rest shuffled` adds each row the rest of another row
+(a seeded permutation): the rest's distribution without its tie to (a, b), to tell which of the two
+a difference comes from; `--rest gaussian` adds isotropic noise of the rest's total variance
+instead. Beside each file: its sidecar (with "idealised_from" and the share of the site's variance
+the tables hold, "share_kept") and the ground truth refitted on x'.
 """
 from __future__ import annotations
 
@@ -42,16 +45,24 @@ def idealise(x: torch.Tensor, gt: G.GroundTruth, a: torch.Tensor, b: torch.Tenso
     return out.float()
 
 
-def write_site(src: Path, dst: Path) -> dict:
+def write_site(src: Path, dst: Path, rest: str = "none", seed: int = 0) -> dict:
     t = load_tensors(src, "--run activations")
     gt = G.fit_value_tables(t["activations"], t["a"], t["b"], int(round(len(t["a"]) ** 0.5)))
     x = t["activations"].double()
     xi = idealise(x, gt, t["a"], t["b"])
     kept = 1.0 - float((x - xi.double()).pow(2).sum() / (x - gt.mu).pow(2).sum())
+    if rest == "shuffled":          # the rest of another row: its distribution kept, its tie to (a, b) broken
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        xi = (xi.double() + (x - xi.double())[perm]).float()
+    elif rest == "gaussian":        # isotropic noise of the rest's total variance: no structure at all
+        g = torch.Generator().manual_seed(seed)
+        sd = ((x - xi.double()).pow(2).sum() / x.numel()).sqrt()
+        xi = (xi.double() + sd * torch.randn(x.shape, generator=g, dtype=torch.float64)).float()
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_tensors({**t, "activations": xi}, dst)
     side = load_json(src.with_suffix(".json"), "activations sidecar") if src.with_suffix(".json").is_file() else {}
-    info = {"idealised_from": str(src), "features": gt.features, "share_kept": kept}
+    info = {"idealised_from": str(src), "features": gt.features, "share_kept": kept, "rest": rest,
+            "rest_seed": None if rest == "none" else seed}
     save_json({**side, **info}, dst.with_suffix(".json"))
     G.save_ground_truth(G.fit_value_tables(xi, t["a"], t["b"], gt.p), G.ground_truth_path(dst))
     return info
@@ -62,14 +73,18 @@ def main():
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "modadd" / "seed42", help="a model run with acts/")
     ap.add_argument("--sites", nargs="+", default=["resid_mid", "resid_post"])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "idealised" / "seed42")
+    ap.add_argument("--rest", choices=["none", "shuffled", "gaussian"], default="none",
+                    help="what stands for the site's non-additive rest: nothing, another row's rest (a seeded "
+                         "permutation), or isotropic Gaussian noise of the same total variance")
+    ap.add_argument("--seed", type=int, default=0, help="the permutation's or the noise's seed")
     a = ap.parse_args()
     for site in a.sites:
         src = a.run / "acts" / f"{site}.safetensors"
         if not src.is_file():
             raise SystemExit(f"{src} is missing: extract it with 02_extract_activations.py --site {site}")
-        info = write_site(src, a.out / "acts" / f"{site}.safetensors")
-        print(f"{site}: features {', '.join(info['features'])}; x' keeps {100 * info['share_kept']:.1f}% "
-              f"of the site's variance -> {a.out / 'acts' / (site + '.safetensors')}")
+        info = write_site(src, a.out / "acts" / f"{site}.safetensors", a.rest, a.seed)
+        print(f"{site}: features {', '.join(info['features'])}; the tables hold {100 * info['share_kept']:.1f}% "
+              f"of the site's variance; rest: {a.rest} -> {a.out / 'acts' / (site + '.safetensors')}")
 
 
 if __name__ == "__main__":
