@@ -18,7 +18,8 @@ has no ground-truth feature of its own to take, and a gap in EV between architec
 theirs, not the model's non-additive rest's. `--rest shuffled` adds each row the rest of another row
 (a seeded permutation): the rest's distribution without its tie to (a, b), to tell which of the two
 a difference comes from; `--rest gaussian` adds isotropic noise of the rest's total variance
-instead. Beside each file: its sidecar (with "idealised_from" and the share of the site's variance
+instead, and `--rest keep --noise S` the model's activations plus isotropic noise holding S of the site's
+variance. Beside each file: its sidecar (with "idealised_from" and the share of the site's variance
 the tables hold, "share_kept") and the ground truth refitted on x'.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ def idealise(x: torch.Tensor, gt: G.GroundTruth, a: torch.Tensor, b: torch.Tenso
     return out.float()
 
 
-def write_site(src: Path, dst: Path, rest: str = "none", seed: int = 0) -> dict:
+def write_site(src: Path, dst: Path, rest: str = "none", seed: int = 0, noise: float = 0.0) -> dict:
     t = load_tensors(src, "--run activations")
     gt = G.fit_value_tables(t["activations"], t["a"], t["b"], int(round(len(t["a"]) ** 0.5)))
     x = t["activations"].double()
@@ -58,11 +59,17 @@ def write_site(src: Path, dst: Path, rest: str = "none", seed: int = 0) -> dict:
         g = torch.Generator().manual_seed(seed)
         sd = ((x - xi.double()).pow(2).sum() / x.numel()).sqrt()
         xi = (xi.double() + sd * torch.randn(x.shape, generator=g, dtype=torch.float64)).float()
+    elif rest == "keep":            # the model's own activations (to add --noise to them)
+        xi = x.float()
+    if noise > 0:                   # isotropic noise holding `noise` x the site's variance
+        g = torch.Generator().manual_seed(seed + 1)
+        sd = (noise * (x - gt.mu).pow(2).sum() / x.numel()).sqrt()
+        xi = (xi.double() + sd * torch.randn(x.shape, generator=g, dtype=torch.float64)).float()
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_tensors({**t, "activations": xi}, dst)
     side = load_json(src.with_suffix(".json"), "activations sidecar") if src.with_suffix(".json").is_file() else {}
     info = {"idealised_from": str(src), "features": gt.features, "share_kept": kept, "rest": rest,
-            "rest_seed": None if rest == "none" else seed}
+            "rest_seed": None if rest == "none" else seed, "noise": noise}
     save_json({**side, **info}, dst.with_suffix(".json"))
     G.save_ground_truth(G.fit_value_tables(xi, t["a"], t["b"], gt.p), G.ground_truth_path(dst))
     return info
@@ -73,16 +80,18 @@ def main():
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "modadd" / "seed42", help="a model run with acts/")
     ap.add_argument("--sites", nargs="+", default=["resid_mid", "resid_post"])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "idealised" / "seed42")
-    ap.add_argument("--rest", choices=["none", "shuffled", "gaussian"], default="none",
+    ap.add_argument("--rest", choices=["none", "shuffled", "gaussian", "keep"], default="none",
                     help="what stands for the site's non-additive rest: nothing, another row's rest (a seeded "
-                         "permutation), or isotropic Gaussian noise of the same total variance")
+                         "permutation), isotropic Gaussian noise of the same total variance, or the rest itself (keep)")
+    ap.add_argument("--noise", type=float, default=0.0,
+                    help="then add isotropic Gaussian noise holding this share of the site's variance")
     ap.add_argument("--seed", type=int, default=0, help="the permutation's or the noise's seed")
     a = ap.parse_args()
     for site in a.sites:
         src = a.run / "acts" / f"{site}.safetensors"
         if not src.is_file():
             raise SystemExit(f"{src} is missing: extract it with 02_extract_activations.py --site {site}")
-        info = write_site(src, a.out / "acts" / f"{site}.safetensors", a.rest, a.seed)
+        info = write_site(src, a.out / "acts" / f"{site}.safetensors", a.rest, a.seed, a.noise)
         print(f"{site}: features {', '.join(info['features'])}; the tables hold {100 * info['share_kept']:.1f}% "
               f"of the site's variance; rest: {a.rest} -> {a.out / 'acts' / (site + '.safetensors')}")
 
