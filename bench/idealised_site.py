@@ -46,32 +46,35 @@ def idealise(x: torch.Tensor, gt: G.GroundTruth, a: torch.Tensor, b: torch.Tenso
     return out.float()
 
 
+def _noise(shape, variance: torch.Tensor, seed: int) -> torch.Tensor:
+    """Isotropic Gaussian noise whose mean squared row norm is `variance` x d (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    return variance.sqrt() * torch.randn(shape, generator=g, dtype=torch.float64)
+
+
 def write_site(src: Path, dst: Path, rest: str = "none", seed: int = 0, noise: float = 0.0) -> dict:
     t = load_tensors(src, "--run activations")
     gt = G.fit_value_tables(t["activations"], t["a"], t["b"], int(round(len(t["a"]) ** 0.5)))
     x = t["activations"].double()
-    xi = idealise(x, gt, t["a"], t["b"])
-    kept = 1.0 - float((x - xi.double()).pow(2).sum() / (x - gt.mu).pow(2).sum())
-    if rest == "shuffled":          # the rest of another row: its distribution kept, its tie to (a, b) broken
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        xi = (xi.double() + (x - xi.double())[perm]).float()
-    elif rest == "gaussian":        # isotropic noise of the rest's total variance: no structure at all
-        g = torch.Generator().manual_seed(seed)
-        sd = ((x - xi.double()).pow(2).sum() / x.numel()).sqrt()
-        xi = (xi.double() + sd * torch.randn(x.shape, generator=g, dtype=torch.float64)).float()
-    elif rest == "keep":            # the model's own activations (to add --noise to them)
-        xi = x.float()
+    tables = idealise(x, gt, t["a"], t["b"]).double()
+    the_rest = x - tables
+    kept = 1.0 - float(the_rest.pow(2).sum() / (x - gt.mu).pow(2).sum())
+    out = {"none": lambda: tables,
+           # another row's rest: its distribution kept, its tie to (a, b) broken
+           "shuffled": lambda: tables + the_rest[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))],
+           # isotropic noise of the rest's total variance: no structure at all
+           "gaussian": lambda: tables + _noise(x.shape, the_rest.pow(2).sum() / x.numel(), seed),
+           "keep": lambda: x}[rest]()
     if noise > 0:                   # isotropic noise holding `noise` x the site's variance
-        g = torch.Generator().manual_seed(seed + 1)
-        sd = (noise * (x - gt.mu).pow(2).sum() / x.numel()).sqrt()
-        xi = (xi.double() + sd * torch.randn(x.shape, generator=g, dtype=torch.float64)).float()
+        out = out + _noise(x.shape, noise * (x - gt.mu).pow(2).sum() / x.numel(), seed + 1)
+    out = out.float()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors({**t, "activations": xi}, dst)
+    save_tensors({**t, "activations": out}, dst)
     side = load_json(src.with_suffix(".json"), "activations sidecar") if src.with_suffix(".json").is_file() else {}
     info = {"idealised_from": str(src), "features": gt.features, "share_kept": kept, "rest": rest,
             "rest_seed": None if rest == "none" else seed, "noise": noise}
     save_json({**side, **info}, dst.with_suffix(".json"))
-    G.save_ground_truth(G.fit_value_tables(xi, t["a"], t["b"], gt.p), G.ground_truth_path(dst))
+    G.save_ground_truth(G.fit_value_tables(out, t["a"], t["b"], gt.p), G.ground_truth_path(dst))
     return info
 
 
