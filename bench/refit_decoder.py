@@ -6,7 +6,7 @@ Per SAE: its code on every row (encoder untouched, so L0 and the latents' choice
 affine decoder x_hat = code @ W + b fitted by least squares on the SAE-train rows only (Wright &
 Sharkey 2024's remedy for the L1 penalty's shrinkage, in closed form), and the held-out EV before
 and after; then the feature sets recovered (cos > 0.9, lib/ground_truth.py) by the old decoder rows
-and by the refitted ones. metrics.refit_explained_variance (bench_recipe.py's "refit") fits and
+and by the refitted ones (metrics.affine_refit). metrics.refit_explained_variance (bench_recipe.py's "refit") fits and
 scores on all rows alike, so it reads higher than the held-out figure here.
 """
 from __future__ import annotations
@@ -26,13 +26,6 @@ from lib.common import run_main  # noqa: E402
 from sae import SAE  # noqa: E402
 
 
-def refit(x: torch.Tensor, codes: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W [m, d], b [d]) of the least-squares affine decoder of x from codes over the train rows."""
-    design = torch.cat([codes.double(), torch.ones(len(codes), 1, dtype=torch.float64)], 1)
-    coef = torch.linalg.lstsq(design[train], x.double()[train], driver="gelsd").solution
-    return coef[:-1], coef[-1]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--acts", type=Path, required=True, help="a modular-addition site (02's file)")
@@ -44,9 +37,9 @@ def main():
     for d in a.saes:
         sae = SAE.load(d)
         codes, x_hat = encode_all(sae, acts.x)
-        W, b = refit(x, codes, acts.train)
+        x_refit, W, _ = M.affine_refit(x, codes, rows=acts.train)
         ev0 = M.explained_variance(x[held], x_hat.double()[held])
-        ev1 = M.explained_variance(x[held], (codes.double() @ W + b)[held])
+        ev1 = M.explained_variance(x[held], x_refit[held])
         W = torch.where(W.norm(dim=1, keepdim=True) > 0, W, sae.W_dec.detach().double())   # a dead latent keeps its row
         lab = {"a": acts.labels["a"], "b": acts.labels["b"]}
         r0 = G.score_decoder(gt, sae.W_dec.detach().double(), acts=codes, **lab)

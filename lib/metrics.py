@@ -21,15 +21,22 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return float(1.0 - resid / total.clamp_min(1e-30))
 
 
-def refit_explained_variance(x: torch.Tensor, acts: torch.Tensor) -> float:
-    """EV of the best affine decoder of x from the code: x_hat = acts @ W + b, W and b by least
-    squares over these rows. A diagnostic of shrinkage (Wright & Sharkey 2024): an L1 penalty
-    pulls every active value toward 0, which a refit undoes, while a code that chose the wrong
-    latents stays poor. The gap to the SAE's own EV is what its magnitudes, not its choices, cost."""
+def affine_refit(x: torch.Tensor, acts: torch.Tensor, rows: torch.Tensor | None = None) -> tuple:
+    """The best affine decoder of x from the code, x_hat = acts @ W + b, W and b by least squares
+    over `rows` (a mask; all rows when None). Returns (x_hat on every row, W [m, d], b [d]), float64."""
     x, a = x.double(), acts.double()
     design = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype, device=a.device)], 1)
-    coef = torch.linalg.lstsq(design, x, driver="gelsd" if x.device.type == "cpu" else None).solution
-    return explained_variance(x, design @ coef)
+    fit = slice(None) if rows is None else rows
+    coef = torch.linalg.lstsq(design[fit], x[fit], driver="gelsd" if x.device.type == "cpu" else None).solution
+    return design @ coef, coef[:-1], coef[-1]
+
+
+def refit_explained_variance(x: torch.Tensor, acts: torch.Tensor) -> float:
+    """EV of the best affine decoder of x from the code (affine_refit), fitted and scored on these
+    rows. A diagnostic of shrinkage (Wright & Sharkey 2024): an L1 penalty pulls every active
+    value toward 0, which a refit undoes, while a code that chose the wrong latents stays poor.
+    The gap to the SAE's own EV is what its magnitudes, not its choices, cost."""
+    return explained_variance(x.double(), affine_refit(x, acts)[0])
 
 
 def l0(acts: torch.Tensor) -> float:

@@ -308,15 +308,14 @@ def test_idealised_site_keeps_the_material_tables_and_nothing_else():
 
 
 def test_refit_decoder_undoes_shrinkage_by_hand():
-    """bench/refit_decoder.py: a code shrunk by half (and offset by b) refits to twice the decoder, on
-    the train rows alone."""
-    from bench.refit_decoder import refit
+    """metrics.affine_refit (bench/refit_decoder.py): a code shrunk by half (and offset by b) refits to
+    twice the decoder, on the train rows alone."""
     g = torch.Generator().manual_seed(0)
     code = torch.rand(200, 5, generator=g, dtype=torch.float64) * (torch.rand(200, 5, generator=g) < 0.3)
     D, b = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
     x = code @ D + b
     train = torch.arange(200) < 150
-    W, b_fit = refit(x, 0.5 * code, train)
+    _, W, b_fit = M.affine_refit(x, 0.5 * code, rows=train)
     torch.testing.assert_close(W, 2 * D)
     torch.testing.assert_close(b_fit, b)
 
