@@ -57,16 +57,18 @@ def write_site(src: Path, dst: Path, rest: str = "none", seed: int = 0, noise: f
     gt = G.fit_value_tables(t["activations"], t["a"], t["b"], int(round(len(t["a"]) ** 0.5)))
     x = t["activations"].double()
     tables = idealise(x, gt, t["a"], t["b"]).double()
-    the_rest = x - tables
-    kept = 1.0 - float(the_rest.pow(2).sum() / (x - gt.mu).pow(2).sum())
-    out = {"none": lambda: tables,
-           # another row's rest: its distribution kept, its tie to (a, b) broken
-           "shuffled": lambda: tables + the_rest[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))],
-           # isotropic noise of the rest's total variance: no structure at all
-           "gaussian": lambda: tables + _noise(x.shape, the_rest.pow(2).sum() / x.numel(), seed),
-           "keep": lambda: x}[rest]()
+    the_rest, site_ss = x - tables, (x - gt.mu).pow(2).sum()
+    kept = 1.0 - float(the_rest.pow(2).sum() / site_ss)
+    if rest == "shuffled":          # another row's rest: its distribution kept, its tie to (a, b) broken
+        out = tables + the_rest[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]
+    elif rest == "gaussian":        # isotropic noise of the rest's total variance: no structure at all
+        out = tables + _noise(x.shape, the_rest.pow(2).sum() / x.numel(), seed)
+    elif rest == "keep":            # the model's own activations (to add --noise to)
+        out = x
+    else:
+        out = tables
     if noise > 0:                   # isotropic noise holding `noise` x the site's variance
-        out = out + _noise(x.shape, noise * (x - gt.mu).pow(2).sum() / x.numel(), seed + 1)
+        out = out + _noise(x.shape, noise * site_ss / x.numel(), seed + 1)
     out = out.float()
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_tensors({**t, "activations": out}, dst)
