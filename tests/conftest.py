@@ -13,6 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from lib.common import pin_cpu_kernels  # noqa: E402
+
+pin_cpu_kernels()   # the tests on the kernels the stages use (run_main pins them there too)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer end-to-end runs (still run in CI)")

@@ -165,6 +165,28 @@ def test_same_seed_same_weights(tiny_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stage_pins_its_cpu_kernels_and_records_them(tmp_path):
+    """01 as a script, with no ATEN_CPU_CAPABILITY set, trains on torch's AVX2 kernels where the CPU
+    has them, the same weights as under an explicit avx2, and records them in config.json
+    (lib.common.pin_cpu_kernels: on AVX-512 kernels seed 42 groks into another model); a
+    capability the user sets wins."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    got = {}
+    for cap in (None, "avx2", "default"):
+        out = tmp_path / str(cap)
+        e = env if cap is None else {**env, "ATEN_CPU_CAPABILITY": cap}
+        r = subprocess.run([PY, "01_train_transformer.py", "--p", "23", "--d-model", "32", "--n-heads", "4",
+                            "--d-mlp", "64", "--steps", "60", "--lr", "1e-2", "--seed", "3", "--out", str(out),
+                            "--quiet"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        got[cap] = (json.loads((out / "config.json").read_text())["cpu_kernels"], load_tensors(out / "model.safetensors"))
+    assert got["default"][0] == "DEFAULT"
+    if torch.cpu._is_avx2_supported():
+        assert got[None][0] == got["avx2"][0] == "AVX2"
+        assert all(torch.equal(got[None][1][k], got["avx2"][1][k]) for k in got[None][1])
+
+
 @pytest.mark.parametrize("site", modadd.SITES)
 def test_extracted_rows_equal_a_fresh_forward_pass(tiny_run, tmp_path, site):
     out = tmp_path / f"{site}.safetensors"
