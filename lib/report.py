@@ -27,7 +27,9 @@ CHOOSE_RULE = ("among the sweep cells whose TopK SAEs leave at most 10% of their
                "fewer latents, then smaller k)")
 CHOOSE_MAX_DEAD = 0.10      # the goal of "Every architecture trained right": a mostly dead dictionary is not a study
 ONE_MODEL_NOTE = ("These figures come from one modular-addition model. A model of another seed can answer differently "
-                  "(README, \"A second model\": on seed 123 TopK misses the goal that it meets on seed 42); "
+                  "(README, \"A second model\": on seed 123 TopK misses the goal that it meets on seed 42, and so "
+                  "it does on the model seed 42 grows on torch's AVX-512 CPU kernels, which every stage therefore "
+                  "avoids: lib.common.pin_cpu_kernels); "
                   "`MODEL_SEEDS=\"42 123\" bash run_all.sh` studies both.")
 FIRING_NOTE = ("Recovered by firing: the share of a table's values on whose rows some latent fires at F1 > 0.9, "
                "read off the code. Unlike the decoder cosine of the headline it does not move when every latent "
