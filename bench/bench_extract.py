@@ -26,7 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib import lm  # noqa: E402
-from lib.common import load_json, load_stage  # noqa: E402
+from lib.common import load_json, load_stage, pin_cpu_kernels  # noqa: E402
+
+pin_cpu_kernels()   # the stages' CPU kernels (lib.common.pin_cpu_kernels), as their scripts use
 
 EXTRACT = load_stage("02_extract_activations.py")
 

@@ -24,7 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lib import activations as A  # noqa: E402
-from lib.common import load_stage  # noqa: E402
+from lib.common import load_stage, pin_cpu_kernels  # noqa: E402
+
+pin_cpu_kernels()   # the stages' CPU kernels (lib.common.pin_cpu_kernels), as their scripts use
 
 SEEDS = ["1", "2", "3", "4", "5"]
 

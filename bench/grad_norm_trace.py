@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lib.common import load_stage  # noqa: E402
+from lib.common import load_stage, pin_cpu_kernels  # noqa: E402
+
+pin_cpu_kernels()   # the stages' CPU kernels (lib.common.pin_cpu_kernels), as their scripts use
 
 norms = []
 _step = torch.optim.Adam.step

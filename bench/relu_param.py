@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_recipe import ROOT, parse_configs, score, train  # noqa: E402
-from lib.common import load_stage  # noqa: E402
+from lib.common import load_stage, pin_cpu_kernels  # noqa: E402
+
+pin_cpu_kernels()   # the stages' CPU kernels (lib.common.pin_cpu_kernels), as their scripts use
 
 
 def run_03_with_unit_rows(argv: list[str]) -> None:

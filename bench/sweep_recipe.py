@@ -17,7 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lib.common import load_stage  # noqa: E402
+from lib.common import load_stage, pin_cpu_kernels  # noqa: E402
+
+pin_cpu_kernels()   # the stages' CPU kernels (lib.common.pin_cpu_kernels), as their scripts use
 
 GRID = [  # lr, weight_decay, beta1, beta2, grokfast_alpha, grokfast_lamb
     (3e-3, 1, .9, .98, .98, 2), (3e-3, 2, .9, .98, .98, 2), (3e-3, 3, .9, .98, .98, 2),
