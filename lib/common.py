@@ -67,7 +67,7 @@ def pin_cpu_kernels() -> str:
     Why: the two sets round exp, log and sums differently in the last bit, and grokking amplifies
     that. 01 --seed 42 on AVX-512 kernels groks into another model (1,121 steps; resid_post 90.2%
     answer table, where the study's TopK misses its goal) than on AVX2 ones (1,171 steps, 86.3%:
-    the model the README and bench/ report, from machines without AVX-512), at the same speed
+    the model the README and bench/ report, from earlier machines), at the same speed
     (bench/cpu_kernels_cpu.txt). No-op off x86 or without AVX2."""
     if "ATEN_CPU_CAPABILITY" not in os.environ and torch.cpu._is_avx2_supported():
         os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
