@@ -64,8 +64,7 @@ def pin_cpu_kernels() -> str:
     ("AVX2", ...), which provenance() records. Must run before the first tensor op, where torch
     fixes its choice: run_main calls it before main.
 
-    Why: the two sets round exp, log and sums differently in the last bit, and grokking amplifies
-    that. 01 --seed 42 on AVX-512 kernels groks into another model (1,121 steps; resid_post 90.2%
+    Why: the two sets' floats differ in the last bits, and grokking amplifies that. 01 --seed 42 on AVX-512 kernels groks into another model (1,121 steps; resid_post 90.2%
     answer table, where the study's TopK misses its goal) than on AVX2 ones (1,171 steps, 86.3%:
     the model the README and bench/ report, from earlier machines), at the same speed
     (bench/cpu_kernels_cpu.txt). No-op off x86 or without AVX2."""
