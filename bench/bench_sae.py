@@ -58,11 +58,19 @@ def plain_topk_step(d_in, d_sae, k, lr, device):
     return step
 
 
-def our_step(sae: SAE, lr: float, dead_mask=None, coeff=None):
+def our_step(sae: SAE, lr: float, dead_mask=None, coeff=None, hold=False):
+    """hold: start every step from the SAE as given (a copy of its weights, ~0.1 ms), so a case set
+    up at L0 = k stays there; relu's free decoder rows let its L0 climb from 32 to ~290 within 32
+    steps at this lr, which took its case off the sparse path it was meant to time."""
     opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)   # as 03_train_sae.py
     sae.train()
+    start = [p.detach().clone() for p in sae.parameters()] if hold else None
 
     def step(x):
+        if hold:
+            with torch.no_grad():
+                for p, p0 in zip(sae.parameters(), start):
+                    p.copy_(p0)
         out = sae(x, dead_mask=dead_mask, sparsity_coeff=coeff)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -117,7 +125,8 @@ def main():
             with torch.no_grad():
                 pre = (x[:2048] - sae.b_dec) @ sae.W_enc
                 sae.b_enc.copy_(-pre.float().quantile(1 - k / D, dim=0))
-        cases.append((name, our_step(sae, lr, dm, coeff=1e-3 if kw["arch"] in ("relu", "jumprelu") else None), flops))
+        cases.append((name, our_step(sae, lr, dm, coeff=1e-3 if kw["arch"] in ("relu", "jumprelu") else None,
+                                     hold="L0 = k" in name), flops))
 
     # interleave the cases over several rounds so that a burst of load elsewhere on the
     # machine hits all of them alike; report each case's median step
