@@ -64,10 +64,11 @@ def pin_cpu_kernels() -> str:
     ("AVX2", ...), which provenance() records. Must run before the first tensor op, where torch
     fixes its choice: run_main calls it before main.
 
-    Why: the two sets' floats differ in the last bits, and grokking amplifies that. 01 --seed 42 on AVX-512 kernels groks into another model (1,121 steps; resid_post 90.2%
-    answer table, where the study's TopK misses its goal) than on AVX2 ones (1,171 steps, 86.3%:
-    the model the README and bench/ report, from earlier machines), at the same speed
-    (bench/cpu_kernels_cpu.txt). No-op off x86 or without AVX2."""
+    Why: the two sets' floats differ in the last bits, and grokking amplifies that. 01 --seed 42
+    on AVX-512 kernels groks into another model (1,121 steps; resid_post 90.2% answer table, where
+    the study's TopK misses its goal) than on AVX2 ones (1,171 steps, 86.3%: the model the README
+    and bench/ report, from earlier machines), at the same speed (bench/cpu_kernels_cpu.txt).
+    No-op off x86 or without AVX2."""
     if "ATEN_CPU_CAPABILITY" not in os.environ and torch.cpu._is_avx2_supported():
         os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
     return torch.backends.cpu.get_cpu_capability()

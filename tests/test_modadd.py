@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -170,7 +171,6 @@ def test_a_stage_pins_its_cpu_kernels_and_records_them(tmp_path):
     has them, the same weights as under an explicit avx2, and records them in config.json
     (lib.common.pin_cpu_kernels: on AVX-512 kernels seed 42 groks into another model); a
     capability the user sets wins."""
-    import os
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     got = {}
     for cap in (None, "avx2", "default"):
