@@ -60,8 +60,9 @@ def plain_topk_step(d_in, d_sae, k, lr, device):
 
 def our_step(sae: SAE, lr: float, dead_mask=None, coeff=None, hold=False):
     """hold: start every step from the SAE as given (a copy of its weights, ~0.1 ms), so a case set
-    up at L0 = k stays there; relu's free decoder rows let its L0 climb from 32 to ~290 within 32
-    steps at this lr, which took its case off the sparse path it was meant to time."""
+    up at L0 = k stays there; without it relu's free decoder rows let its L0 climb far above k
+    within the timed steps (the table's last column; --no-hold), off the sparse path its row names.
+    The step's `l0` holds the code's L0 on its latest call."""
     opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)   # as 03_train_sae.py
     sae.train()
     start = [p.detach().clone() for p in sae.parameters()] if hold else None
@@ -72,6 +73,7 @@ def our_step(sae: SAE, lr: float, dead_mask=None, coeff=None, hold=False):
                 for p, p0 in zip(sae.parameters(), start):
                     p.copy_(p0)
         out = sae(x, dead_mask=dead_mask, sparsity_coeff=coeff)
+        step.l0 = out.l0                  # a tensor: no sync inside the timed step
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         sae.remove_parallel_grad_()
@@ -88,6 +90,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=4, help="rounds over all cases (median reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--no-hold", action="store_true",
+                    help="let the L0 = k cases train on between steps (our_step's hold off), as before 56b5c8a")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -126,7 +130,7 @@ def main():
                 pre = (x[:2048] - sae.b_dec) @ sae.W_enc
                 sae.b_enc.copy_(-pre.float().quantile(1 - k / D, dim=0))
         cases.append((name, our_step(sae, lr, dm, coeff=1e-3 if kw["arch"] in ("relu", "jumprelu") else None,
-                                     hold="L0 = k" in name), flops))
+                                     hold="L0 = k" in name and not args.no_hold), flops))
 
     # interleave the cases over several rounds so that a burst of load elsewhere on the
     # machine hits all of them alike; report each case's median step
@@ -138,16 +142,16 @@ def main():
             times[name].append(timed(lambda: step(x), args.steps, warmup=3 if r == 0 else 1))
     gemm = statistics.median(gemm_runs)
     plain_tps = B / statistics.median(times[cases[0][0]])
-    rows = [(name, B / statistics.median(times[name]), flops) for name, _, flops in cases]
+    rows = [(name, B / statistics.median(times[name]), flops, float(getattr(step, "l0", k))) for name, step, flops in cases]
 
     where = (f"{torch.get_num_threads()} CPU threads" if dev.type == "cpu"
              else torch.cuda.get_device_name(dev))
     print(f"SAE training step, d_in {d} -> d_sae {D}, k {k}, batch {B}, fp32, {where}, torch {torch.__version__}")
     print(f"measured fp32 GEMM rate ({2048 if dev.type == 'cpu' else 8192}^3): {gemm / 1e9:.1f} GFLOP/s")
-    print(f"{'step':34s} {'tokens/s':>10s} {'x plain':>8s} {'GFLOP/s':>8s} {'% GEMM':>7s}")
-    for name, tps, flops in rows:
+    print(f"{'step':34s} {'tokens/s':>10s} {'x plain':>8s} {'GFLOP/s':>8s} {'% GEMM':>7s} {'L0 at end':>9s}")
+    for name, tps, flops, l0 in rows:
         rate = flops * tps / B
-        print(f"{name:34s} {tps:10,.0f} {tps / plain_tps:8.2f} {rate / 1e9:8.1f} {100 * rate / gemm:6.1f}%")
+        print(f"{name:34s} {tps:10,.0f} {tps / plain_tps:8.2f} {rate / 1e9:8.1f} {100 * rate / gemm:6.1f}% {l0:9.1f}")
 
 
 if __name__ == "__main__":
