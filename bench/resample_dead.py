@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))          # bench_recipe, also when imported
 from lib.common import load_stage, pin_cpu_kernels  # noqa: E402
 
 pin_cpu_kernels()   # the stages' CPU kernels (lib.common.pin_cpu_kernels), as their scripts use
@@ -49,8 +50,10 @@ def resample_(run, x: torch.Tensor, dead_tokens: int, theta: float | None) -> in
     for p in (sae.W_dec, sae.W_enc, sae.b_enc, getattr(sae, "threshold", None)):
         state = run.opt.state.get(p, {}) if isinstance(p, torch.nn.Parameter) else {}
         for name in ("exp_avg", "exp_avg_sq"):
-            if name in state:
-                (state[name][:, dead] if p is sae.W_enc else state[name][dead]).zero_()
+            if name in state and p is sae.W_enc:
+                state[name][:, dead] = 0
+            elif name in state:
+                state[name][dead] = 0
     run.since_fired[dead] = 0
     return len(dead)
 

@@ -176,6 +176,42 @@ def test_auxk_revives_relu_and_jumprelu_latents(arch, lr, gain, margin, ev_slack
     assert all("auxk_loss" not in r for r in metrics(tmp_path / "plain"))
 
 
+def test_resampling_resets_exactly_the_dead_latents_toward_data():
+    """bench/resample_dead.py (Bricken et al. 2023), which README cites for resampling making
+    JumpReLU's dead share worse: each dead latent's decoder row becomes a unit data direction
+    (a batch row minus b_dec), its encoder column that direction times 0.2 x the live columns'
+    mean norm, b_enc 0, Adam's moments 0, its dead count 0; live latents are untouched."""
+    from types import SimpleNamespace
+    from bench.resample_dead import resample_
+    g = torch.Generator().manual_seed(0)
+    sae = SAE(8, 16, "jumprelu", 2, generator=g)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    x = torch.randn(64, 8, generator=g)
+    sae(x).loss.backward()
+    opt.step()                                                    # Adam has moments for every parameter
+    sae.post_step_()                                              # unit decoder rows, as 03 keeps them
+    since = torch.zeros(16, dtype=torch.long)
+    since[[1, 5, 9]] = 100                                        # dead after 50 tokens
+    run = SimpleNamespace(sae=sae, opt=opt, since_fired=since)
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    live = torch.ones(16, dtype=torch.bool)
+    live[[1, 5, 9]] = False
+    enc_norm = float(before["W_enc"][:, live].norm(dim=0).mean())
+    assert resample_(run, x, 50, None) == 3
+    dirs = (x - sae.b_dec.detach()) / (x - sae.b_dec.detach()).norm(dim=1, keepdim=True)
+    for i in (1, 5, 9):
+        row = sae.W_dec.detach()[i]
+        assert (dirs @ row).max() == pytest.approx(1.0, abs=1e-5)              # a data direction, unit norm
+        torch.testing.assert_close(sae.W_enc.detach()[:, i], 0.2 * enc_norm * row)
+        assert sae.b_enc.detach()[i] == 0
+        assert opt.state[sae.W_dec]["exp_avg"][i].abs().max() == 0 and opt.state[sae.W_enc]["exp_avg_sq"][:, i].abs().max() == 0
+    torch.testing.assert_close(sae.W_dec.detach()[live], before["W_dec"][live])
+    torch.testing.assert_close(sae.threshold.detach(), before["threshold"])
+    assert opt.state[sae.W_dec]["exp_avg"][live].abs().min() > 0
+    assert run.since_fired.tolist() == [0] * 16
+    assert resample_(run, x, 50, None) == 0                      # nothing dead: nothing touched
+
+
 def test_schedule_stops_a_converged_run_and_not_a_falling_one():
     """The plateau rule (Schedule): a flat held-out loss starts the final decay after 2W evaluations
     and the run ends decay_frac later; a loss still falling 3% an evaluation never triggers it, so
