@@ -66,6 +66,9 @@ def main():
     ap.add_argument("--resample-theta", type=float, default=None, help="jumprelu: a resampled latent's threshold")
     args, stage_argv = ap.parse_args(argv[:cut]), argv[cut + 1:]
     stage = load_stage("03_train_sae.py")
+    stage_args = stage.get_args(stage_argv)                   # 03's own parser and checks
+    if args.resample_theta is not None and stage_args.arch != "jumprelu":
+        raise SystemExit("--resample-theta: only jumprelu has a threshold to reset")
     after_step, counts = stage.after_step, []
 
     def after_step_resampling(sh, run, out, step, x, *rest, **kw):
@@ -76,9 +79,7 @@ def main():
 
     stage.after_step = after_step_resampling
     stage.main(stage_argv)
-    out = Path(stage_argv[stage_argv.index("--out") + 1])
-    acts = Path(stage_argv[stage_argv.index("--acts") + 1])
-    s = score(acts, out)
+    s = score(stage_args.acts, Path(stage_args.out))
     print(json.dumps({"resampled (step, latents)": counts, **{k: s[k] for k in
                       ("ev", "l0", "dead", "empty", "rec_answer", "steps", "stop") if k in s}}))
 
